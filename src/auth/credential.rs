@@ -1,0 +1,88 @@
+//! Where a handshake's credential comes from, in order: `Authorization: Bearer`, the configured token cookie, then
+//! the websocket subprotocol.
+//!
+//! Browsers cannot set headers on a websocket, so they offer two subprotocols:
+//! `new WebSocket(url, ["tabhub", "tabhub.bearer." + accessToken])`. The server echoes `tabhub` (never the token).
+
+use axum::http::HeaderMap;
+
+/// The subprotocol the server echoes.
+pub const SUBPROTOCOL: &str = "tabhub";
+/// Prefix of the subprotocol that carries the token.
+pub const BEARER_PREFIX: &str = "tabhub.bearer.";
+
+/// Where the credential was found; cookie credentials make the Origin check mandatory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Header,
+    Cookie,
+    Subprotocol,
+}
+
+/// Finds the access token of a handshake.
+pub fn extract(headers: &HeaderMap, token_cookie: &str) -> Option<(String, Source)> {
+    if let Some(v) = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        let mut parts = v.splitn(2, ' ');
+        if let (Some(scheme), Some(token)) = (parts.next(), parts.next()) {
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() {
+                return Some((token.trim().to_owned(), Source::Header));
+            }
+        }
+    }
+    if !token_cookie.is_empty() {
+        if let Some(t) = cookie(headers, token_cookie) {
+            return Some((t, Source::Cookie));
+        }
+    }
+    subprotocols(headers)
+        .find_map(|p| p.strip_prefix(BEARER_PREFIX).map(str::to_owned))
+        .filter(|t| !t.is_empty())
+        .map(|t| (t, Source::Subprotocol))
+}
+
+/// The value of cookie `name`, from every `Cookie` header.
+pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim_matches('"').to_owned())
+        .filter(|v| !v.is_empty())
+}
+
+/// The offered subprotocols.
+pub fn subprotocols(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn order_and_forms() {
+        let mut h = HeaderMap::new();
+        h.insert("sec-websocket-protocol", HeaderValue::from_static("tabhub, tabhub.bearer.abc"));
+        assert_eq!(extract(&h, ""), Some(("abc".into(), Source::Subprotocol)));
+        h.insert("cookie", HeaderValue::from_static("x=1; at=cookietok"));
+        assert_eq!(extract(&h, "at"), Some(("cookietok".into(), Source::Cookie)));
+        assert_eq!(extract(&h, ""), Some(("abc".into(), Source::Subprotocol)));
+        h.insert("authorization", HeaderValue::from_static("Bearer hdr"));
+        assert_eq!(extract(&h, "at"), Some(("hdr".into(), Source::Header)));
+        let mut h = HeaderMap::new();
+        h.insert("authorization", HeaderValue::from_static("Basic xyz"));
+        assert_eq!(extract(&h, ""), None);
+    }
+}

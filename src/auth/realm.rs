@@ -1,0 +1,241 @@
+//! The realm: its discovery document and signing keys, loaded at start with retry and refreshed on key rotation.
+//!
+//! Readiness (`/readyz`) waits for the first successful load. A token signed with a `kid` the cached key set does
+//! not know triggers one refetch, at most once per `auth.jwks_refetch_min_interval_ms`, so a realm can rotate keys
+//! without a restart and a flood of forged `kid`s cannot turn into a flood of requests to Keycloak.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey};
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::time::Instant;
+
+use crate::config::AuthConfig;
+
+/// The fields of the discovery document tabhub uses, plus the whole document (token custody needs more of it).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Discovery {
+    pub issuer: String,
+    pub jwks_uri: String,
+    #[serde(default)]
+    pub token_endpoint: Option<String>,
+    #[serde(default)]
+    pub authorization_endpoint: Option<String>,
+    #[serde(default)]
+    pub end_session_endpoint: Option<String>,
+    #[serde(default)]
+    pub introspection_endpoint: Option<String>,
+    #[serde(skip)]
+    pub document: Value,
+}
+
+/// A verification key and the algorithm family it may be used with.
+pub(crate) struct Key {
+    pub decoding: DecodingKey,
+    pub kind: KeyKind,
+    /// The JWK's `alg`, when it states one: the token's header must then use exactly it.
+    pub alg: Option<Algorithm>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeyKind {
+    Rsa,
+    Ec,
+    Ed,
+}
+
+pub(crate) struct Loaded {
+    pub discovery: Discovery,
+    pub keys: HashMap<String, Key>,
+}
+
+/// Why loading failed; logged, never shown to clients.
+#[derive(Debug, thiserror::Error)]
+pub enum RealmError {
+    #[error("request to {url} failed: {message}")]
+    Http { url: String, message: String },
+    #[error("discovery document: {0}")]
+    Discovery(String),
+    #[error("JWKS: {0}")]
+    Jwks(String),
+}
+
+/// The realm's keys and endpoints, shared by every handshake.
+pub struct Realm {
+    config: AuthConfig,
+    http: reqwest::Client,
+    loaded: RwLock<Option<Arc<Loaded>>>,
+    /// When keys were last fetched; held during a refetch so concurrent unknown `kid`s cause one request.
+    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+}
+
+impl Realm {
+    pub fn new(config: AuthConfig) -> Arc<Realm> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(config.http_timeout_ms))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap_or_default();
+        Arc::new(Realm {
+            config,
+            http,
+            loaded: RwLock::new(None),
+            last_fetch: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    pub fn config(&self) -> &AuthConfig {
+        &self.config
+    }
+
+    /// True once discovery and keys are loaded.
+    pub fn is_ready(&self) -> bool {
+        self.loaded().is_some()
+    }
+
+    pub(crate) fn loaded(&self) -> Option<Arc<Loaded>> {
+        self.loaded
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The discovery document, once loaded.
+    pub fn discovery(&self) -> Option<Discovery> {
+        self.loaded().map(|l| l.discovery.clone())
+    }
+
+    /// Loads discovery and keys, retrying with exponential backoff and jitter until it succeeds.
+    pub async fn load_with_retry(self: Arc<Self>) {
+        let mut delay = Duration::from_millis(self.config.discovery_retry_initial_ms.max(1));
+        let max = Duration::from_millis(self.config.discovery_retry_max_ms.max(1));
+        loop {
+            match self.load().await {
+                Ok(()) => {
+                    tracing::info!(issuer = %self.config.issuer, "realm discovery and keys loaded");
+                    return;
+                }
+                Err(e) => {
+                    let wait = crate::backoff::full_jitter(delay);
+                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "realm discovery failed");
+                    tokio::time::sleep(wait).await;
+                    delay = (delay * 2).min(max);
+                }
+            }
+        }
+    }
+
+    /// One attempt: discovery document, then its JWKS.
+    pub async fn load(&self) -> Result<(), RealmError> {
+        let url = format!(
+            "{}/.well-known/openid-configuration",
+            self.config.issuer.trim_end_matches('/')
+        );
+        let document: Value = self.get_json(&url).await?;
+        let mut discovery: Discovery = serde_json::from_value(document.clone())
+            .map_err(|e| RealmError::Discovery(e.to_string()))?;
+        if discovery.issuer != self.config.issuer {
+            return Err(RealmError::Discovery(format!(
+                "issuer {:?} differs from the configured auth.issuer {:?}",
+                discovery.issuer, self.config.issuer
+            )));
+        }
+        discovery.document = document;
+        let keys = self.fetch_keys(&discovery.jwks_uri).await?;
+        *self.last_fetch.lock().await = Some(Instant::now());
+        *self.loaded.write().unwrap_or_else(|p| p.into_inner()) =
+            Some(Arc::new(Loaded { discovery, keys }));
+        Ok(())
+    }
+
+    /// Refetches the key set after a token named an unknown `kid`, unless keys were fetched recently. Returns the
+    /// possibly updated state.
+    pub(crate) async fn refetch_keys(&self) -> Option<Arc<Loaded>> {
+        let mut last = self.last_fetch.lock().await;
+        let min = Duration::from_millis(self.config.jwks_refetch_min_interval_ms);
+        if last.is_some_and(|t| t.elapsed() < min) {
+            return self.loaded();
+        }
+        let current = self.loaded()?;
+        *last = Some(Instant::now());
+        match self.fetch_keys(&current.discovery.jwks_uri).await {
+            Ok(keys) => {
+                tracing::info!(keys = keys.len(), "realm keys refetched for an unknown kid");
+                let updated = Arc::new(Loaded {
+                    discovery: current.discovery.clone(),
+                    keys,
+                });
+                *self.loaded.write().unwrap_or_else(|p| p.into_inner()) = Some(updated.clone());
+                Some(updated)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "realm keys refetch failed");
+                Some(current)
+            }
+        }
+    }
+
+    async fn fetch_keys(&self, url: &str) -> Result<HashMap<String, Key>, RealmError> {
+        let doc: Value = self.get_json(url).await?;
+        let set: JwkSet = serde_json::from_value(doc).map_err(|e| RealmError::Jwks(e.to_string()))?;
+        let mut keys = HashMap::new();
+        for jwk in &set.keys {
+            let kind = match &jwk.algorithm {
+                AlgorithmParameters::RSA(_) => KeyKind::Rsa,
+                AlgorithmParameters::EllipticCurve(_) => KeyKind::Ec,
+                AlgorithmParameters::OctetKeyPair(_) => KeyKind::Ed,
+                // Symmetric ("oct") and unknown keys are never used for verification.
+                _ => continue,
+            };
+            if jwk
+                .common
+                .public_key_use
+                .as_ref()
+                .is_some_and(|u| *u != jsonwebtoken::jwk::PublicKeyUse::Signature)
+            {
+                continue;
+            }
+            let Ok(decoding) = DecodingKey::from_jwk(jwk) else {
+                continue;
+            };
+            let alg = jwk
+                .common
+                .key_algorithm
+                .and_then(|a| a.to_string().parse::<Algorithm>().ok());
+            let kid = jwk.common.key_id.clone().unwrap_or_default();
+            keys.insert(
+                kid,
+                Key {
+                    decoding,
+                    kind,
+                    alg,
+                },
+            );
+        }
+        if keys.is_empty() {
+            return Err(RealmError::Jwks("no usable signing key".into()));
+        }
+        Ok(keys)
+    }
+
+    async fn get_json(&self, url: &str) -> Result<Value, RealmError> {
+        let err = |message: String| RealmError::Http {
+            url: url.to_owned(),
+            message,
+        };
+        let resp = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| err(e.without_url().to_string()))?;
+        if !resp.status().is_success() {
+            return Err(err(format!("status {}", resp.status())));
+        }
+        resp.json().await.map_err(|e| err(e.without_url().to_string()))
+    }
+}

@@ -1,0 +1,156 @@
+//! Access-token verification: signature with the realm's keys, `iss` exactly, `exp`/`nbf` with a small leeway,
+//! `typ` = `Bearer`, and `azp` or `aud` among the accepted clients.
+//!
+//! Error texts are sent to clients: they say what is wrong, never echo the token.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use jsonwebtoken::{Algorithm, Validation};
+use serde::Deserialize;
+use tabhub_commands::User;
+
+use super::realm::{Key, KeyKind, Loaded, Realm};
+
+/// A verified access token.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    pub user: User,
+    /// Expiry, in seconds since the Unix epoch.
+    pub exp: u64,
+    /// Keycloak's session id (`sid`), for back-channel logout; never logged.
+    pub sid: Option<String>,
+    /// The token itself, for calls to backends on the user's behalf.
+    pub token: Arc<str>,
+}
+
+/// Why a token was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no credential: send a bearer token (Authorization header, token cookie or websocket subprotocol)")]
+    Missing,
+    #[error("invalid token: {0}")]
+    Invalid(&'static str),
+    #[error("token expired")]
+    Expired,
+    #[error("the identity provider's keys are not loaded yet; try again shortly")]
+    Unavailable,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: String,
+    exp: u64,
+    #[serde(default)]
+    preferred_username: Option<String>,
+    #[serde(default)]
+    typ: Option<String>,
+    #[serde(default)]
+    azp: Option<String>,
+    #[serde(default)]
+    aud: Option<OneOrMany>,
+    #[serde(default)]
+    sid: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn contains_any(&self, wanted: &[String]) -> bool {
+        match self {
+            OneOrMany::One(a) => wanted.contains(a),
+            OneOrMany::Many(v) => v.iter().any(|a| wanted.contains(a)),
+        }
+    }
+}
+
+impl Realm {
+    /// Verifies an access token.
+    pub async fn verify(&self, token: &str) -> Result<Verified, AuthError> {
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|_| AuthError::Invalid("malformed token"))?;
+        let accepted: Vec<Algorithm> = self
+            .config()
+            .algorithms
+            .iter()
+            .filter_map(|a| super::parse_algorithm(a).ok())
+            .collect();
+        if !accepted.contains(&header.alg) {
+            return Err(AuthError::Invalid("signature algorithm not accepted"));
+        }
+        let mut loaded = self.loaded().ok_or(AuthError::Unavailable)?;
+        if find_key(&loaded, header.kid.as_deref(), header.alg).is_none() {
+            loaded = self.refetch_keys().await.ok_or(AuthError::Unavailable)?;
+        }
+        let key = find_key(&loaded, header.kid.as_deref(), header.alg)
+            .ok_or(AuthError::Invalid("unknown signing key"))?;
+
+        let mut validation = Validation::new(header.alg);
+        validation.set_issuer(&[self.config().issuer.as_str()]);
+        validation.set_required_spec_claims(&["exp", "iss", "sub"]);
+        validation.leeway = self.config().leeway_secs;
+        validation.validate_nbf = true;
+        validation.validate_aud = false;
+        validation.aud = None::<HashSet<String>>;
+        let data = jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind as K;
+            match e.kind() {
+                K::ExpiredSignature => AuthError::Expired,
+                K::InvalidSignature => AuthError::Invalid("bad signature"),
+                K::InvalidIssuer => AuthError::Invalid("wrong issuer"),
+                K::ImmatureSignature => AuthError::Invalid("token not valid yet (nbf)"),
+                K::MissingRequiredClaim(_) => AuthError::Invalid("missing exp, iss or sub claim"),
+                K::InvalidAlgorithm => AuthError::Invalid("algorithm does not match the key"),
+                _ => AuthError::Invalid("malformed token"),
+            }
+        })?;
+        let claims = data.claims;
+        if self.config().require_typ_bearer && claims.typ.as_deref() != Some("Bearer") {
+            return Err(AuthError::Invalid("not an access token (typ must be Bearer)"));
+        }
+        let clients = &self.config().client_ids;
+        let azp_ok = claims.azp.as_ref().is_some_and(|a| clients.contains(a));
+        let aud_ok = claims.aud.as_ref().is_some_and(|a| a.contains_any(clients));
+        if !azp_ok && !aud_ok {
+            return Err(AuthError::Invalid("token issued for another client (azp/aud)"));
+        }
+        if claims.sub.is_empty() {
+            return Err(AuthError::Invalid("empty sub"));
+        }
+        Ok(Verified {
+            user: User {
+                name: claims.preferred_username.unwrap_or_else(|| claims.sub.clone()),
+                id: claims.sub,
+            },
+            exp: claims.exp,
+            sid: claims.sid,
+            token: Arc::from(token),
+        })
+    }
+}
+
+/// The key a token names. Without a `kid`, the realm's only key of the right kind.
+fn find_key<'a>(loaded: &'a Loaded, kid: Option<&str>, alg: Algorithm) -> Option<&'a Key> {
+    let fits = |k: &Key| k.kind == kind_of(alg) && k.alg.is_none_or(|a| a == alg);
+    match kid {
+        Some(kid) => loaded.keys.get(kid).filter(|k| fits(k)),
+        None => {
+            let mut candidates = loaded.keys.values().filter(|k| fits(k));
+            let only = candidates.next()?;
+            candidates.next().is_none().then_some(only)
+        }
+    }
+}
+
+fn kind_of(alg: Algorithm) -> KeyKind {
+    match alg {
+        Algorithm::ES256 | Algorithm::ES384 => KeyKind::Ec,
+        Algorithm::EdDSA => KeyKind::Ed,
+        _ => KeyKind::Rsa,
+    }
+}

@@ -1,0 +1,558 @@
+//! Configuration: a TOML file, then `TABHUB_*` environment variables, over a documented default for every key.
+//!
+//! Every leaf key has an environment name: `TABHUB_` + its dotted path in upper case with `_` for `.`
+//! (`session.linger_ms` -> `TABHUB_SESSION_LINGER_MS`). Free-form tables (`backends`, `commands`) take any key:
+//! `TABHUB_BACKENDS_GATEWAY=http://...`. Lists are comma-separated or a TOML array. Durations are in milliseconds,
+//! named `*_ms`. A bad value fails at start with a message naming the key and the problem.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration. `Config::default()` is the documented default.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address of the one listener (websocket, health, metrics, auth).
+    pub listen: SocketAddr,
+    /// This instance's id, shown in `init` so one can tell instances apart behind a load balancer. Empty: host name
+    /// and process id.
+    pub instance_id: String,
+    pub log: LogConfig,
+    pub auth: AuthConfig,
+    pub origins: OriginConfig,
+    pub websocket: WebSocketConfig,
+    pub session: SessionConfig,
+    pub backend: BackendConfig,
+    pub limits: LimitsConfig,
+    /// Backends the loop functions call as the user: name -> base URL (for example `gateway`).
+    pub backends: BTreeMap<String, String>,
+    /// Settings for commands (the `[commands]` table is handed to them as JSON), e.g. `ui_version`.
+    pub commands: toml::Table,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: String,
+    /// A tracing filter such as `info` or `tabhub=debug,info`.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// The realm's issuer URL, e.g. `https://kc.example/realms/renku`. Tokens' `iss` must equal it exactly, and so
+    /// must the discovery document's `issuer`. Required.
+    pub issuer: String,
+    /// Client ids whose tokens are accepted: a token's `azp`, or one of its `aud`, must be one of them. Required.
+    pub client_ids: Vec<String>,
+    /// Require the `typ` claim to be `Bearer` (Keycloak access tokens), so that ID and refresh tokens are refused.
+    pub require_typ_bearer: bool,
+    /// Accepted signature algorithms. Only asymmetric ones are possible: `none` and HMAC are always refused.
+    pub algorithms: Vec<String>,
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds.
+    pub leeway_secs: u64,
+    /// Cookie that may hold an access token (empty: no such cookie is read).
+    pub token_cookie: String,
+    /// First and largest delay between discovery attempts at start.
+    pub discovery_retry_initial_ms: u64,
+    pub discovery_retry_max_ms: u64,
+    /// Timeout of one discovery or JWKS request.
+    pub http_timeout_ms: u64,
+    /// A token with an unknown `kid` triggers a JWKS refetch at most this often.
+    pub jwks_refetch_min_interval_ms: u64,
+    /// `authExpiring` is sent this long before the session's token expires.
+    pub expiry_warning_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OriginConfig {
+    /// Origins allowed to open a websocket, e.g. `https://renku.example` (scheme, host and port, exactly).
+    pub allowed: Vec<String>,
+    /// Accept upgrades without an `Origin` header (non-browser clients). Never for cookie credentials.
+    pub allow_missing: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    /// Largest message a tab may send; a larger frame closes the tab with 1009.
+    pub max_message_bytes: usize,
+    /// Read buffer per tab (tungstenite's default, 128 KiB, would dominate memory).
+    pub read_buffer_bytes: usize,
+    /// Bound of a tab's outbound queue in messages and in bytes; a tab that stops reading is closed with 4009
+    /// when either is reached.
+    pub outbound_queue_messages: usize,
+    pub outbound_queue_bytes: usize,
+    /// Protocol pings to each tab; a tab that sends nothing (no pong, no message) for `idle_timeout_ms` is dropped.
+    pub ping_interval_ms: u64,
+    pub idle_timeout_ms: u64,
+    /// Longest a write to a tab may block (a peer whose receive window stays closed) before the tab is dropped.
+    pub write_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    /// How long a session outlives its last tab (a page reload must not restart everything).
+    pub linger_ms: u64,
+    /// The short loop's interval (Renku: 5 s) and the long loop's (Renku: 3 min).
+    pub short_interval_ms: u64,
+    pub long_interval_ms: u64,
+    /// The short loop's interval while every tab of the user is hidden.
+    pub hidden_interval_ms: u64,
+    /// Longest iteration of a loop function; must be shorter than the short interval.
+    pub loop_timeout_ms: u64,
+}
+
+/// Bounds on what clients can grow. 0 means unlimited where noted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Open tabs per user on this instance; one more is closed with 4029 (0: unlimited).
+    pub max_tabs_per_user: usize,
+    /// Longest a command's handler may run before the tab gets an error.
+    pub command_timeout_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_tabs_per_user: 100,
+            command_timeout_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendConfig {
+    /// Timeout of one backend request (loop functions' calls); must be shorter than the short interval.
+    pub timeout_ms: u64,
+    /// After a 5xx or a network error a backend is left alone for a backoff that starts here and doubles up to
+    /// the maximum (with jitter); a success resets it.
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+    /// Keep-alive connections kept per backend host.
+    pub pool_max_idle_per_host: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            instance_id: String::new(),
+            log: LogConfig::default(),
+            auth: AuthConfig::default(),
+            origins: OriginConfig::default(),
+            websocket: WebSocketConfig::default(),
+            session: SessionConfig::default(),
+            backend: BackendConfig::default(),
+            limits: LimitsConfig::default(),
+            backends: BTreeMap::new(),
+            commands: toml::Table::new(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            issuer: String::new(),
+            client_ids: Vec::new(),
+            require_typ_bearer: true,
+            algorithms: ["RS256", "RS384", "RS512", "PS256", "ES256", "ES384"]
+                .map(String::from)
+                .to_vec(),
+            leeway_secs: 10,
+            token_cookie: String::new(),
+            discovery_retry_initial_ms: 250,
+            discovery_retry_max_ms: 30_000,
+            http_timeout_ms: 5_000,
+            jwks_refetch_min_interval_ms: 10_000,
+            expiry_warning_ms: 60_000,
+        }
+    }
+}
+
+impl Default for OriginConfig {
+    fn default() -> Self {
+        OriginConfig {
+            allowed: Vec::new(),
+            allow_missing: false,
+        }
+    }
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        WebSocketConfig {
+            max_message_bytes: 64 * 1024,
+            read_buffer_bytes: 4 * 1024,
+            outbound_queue_messages: 512,
+            outbound_queue_bytes: 1024 * 1024,
+            ping_interval_ms: 25_000,
+            idle_timeout_ms: 60_000,
+            write_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            linger_ms: 15_000,
+            short_interval_ms: 5_000,
+            long_interval_ms: 180_000,
+            hidden_interval_ms: 30_000,
+            loop_timeout_ms: 4_000,
+        }
+    }
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig {
+            timeout_ms: 4_000,
+            backoff_initial_ms: 1_000,
+            backoff_max_ms: 60_000,
+            pool_max_idle_per_host: 64,
+        }
+    }
+}
+
+/// A configuration problem, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Syntax { path: String, message: String },
+    #[error("environment variable {var} (config key `{key}`): {message}")]
+    Env {
+        var: String,
+        key: String,
+        message: String,
+    },
+    #[error("config key `{key}`: {message}")]
+    Key { key: String, message: String },
+}
+
+fn key_error(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Key {
+        key: key.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// Tables whose keys are free-form (any key may be set from the environment).
+const FREE_TABLES: &[&str] = &["backends", "commands"];
+
+impl Config {
+    /// Reads `path` (if given), applies `TABHUB_*` variables from `env`, and validates.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut value = toml::Value::Table(match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.display().to_string(),
+                    source,
+                })?;
+                toml::from_str::<toml::Table>(&text).map_err(|e| ConfigError::Syntax {
+                    path: p.display().to_string(),
+                    message: e.message().to_owned(),
+                })?
+            }
+            None => toml::Table::new(),
+        });
+        apply_env(&mut value, env)?;
+        Config::from_toml(value)
+    }
+
+    /// Builds a configuration from a TOML value over the defaults, and validates it.
+    pub fn from_toml(value: toml::Value) -> Result<Config, ConfigError> {
+        let config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
+            let key = e.path().to_string();
+            key_error(&key, e.into_inner().message().to_owned())
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let a = &self.auth;
+        if a.issuer.is_empty() {
+            return Err(key_error(
+                "auth.issuer",
+                "required: the realm's issuer URL, e.g. https://kc.example/realms/renku",
+            ));
+        }
+        let issuer = url::Url::parse(&a.issuer)
+            .map_err(|e| key_error("auth.issuer", format!("not a URL: {e}")))?;
+        if !matches!(issuer.scheme(), "http" | "https") {
+            return Err(key_error("auth.issuer", "must be an http or https URL"));
+        }
+        if a.client_ids.is_empty() {
+            return Err(key_error(
+                "auth.client_ids",
+                "required: at least one accepted client id (azp or aud)",
+            ));
+        }
+        for alg in &a.algorithms {
+            crate::auth::parse_algorithm(alg)
+                .map_err(|m| key_error("auth.algorithms", format!("{alg}: {m}")))?;
+        }
+        if a.algorithms.is_empty() {
+            return Err(key_error("auth.algorithms", "at least one algorithm is needed"));
+        }
+        for (i, o) in self.origins.allowed.iter().enumerate() {
+            let parsed = url::Url::parse(o)
+                .map_err(|e| key_error(&format!("origins.allowed[{i}]"), format!("{o}: {e}")))?;
+            if parsed.origin().ascii_serialization() != *o {
+                return Err(key_error(
+                    &format!("origins.allowed[{i}]"),
+                    format!(
+                        "{o} is not an origin; write it as {}",
+                        parsed.origin().ascii_serialization()
+                    ),
+                ));
+            }
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(key_error("log.format", "must be text or json"));
+        }
+        let w = &self.websocket;
+        for (key, v) in [
+            ("websocket.max_message_bytes", w.max_message_bytes),
+            ("websocket.read_buffer_bytes", w.read_buffer_bytes),
+            ("websocket.outbound_queue_messages", w.outbound_queue_messages),
+            ("websocket.outbound_queue_bytes", w.outbound_queue_bytes),
+        ] {
+            if v == 0 {
+                return Err(key_error(key, "must be greater than 0"));
+            }
+        }
+        if w.idle_timeout_ms <= w.ping_interval_ms {
+            return Err(key_error(
+                "websocket.idle_timeout_ms",
+                "must be longer than websocket.ping_interval_ms",
+            ));
+        }
+        let s = &self.session;
+        for (key, v) in [
+            ("session.short_interval_ms", s.short_interval_ms),
+            ("session.long_interval_ms", s.long_interval_ms),
+            ("session.hidden_interval_ms", s.hidden_interval_ms),
+            ("session.loop_timeout_ms", s.loop_timeout_ms),
+            ("backend.timeout_ms", self.backend.timeout_ms),
+            ("websocket.ping_interval_ms", w.ping_interval_ms),
+            ("websocket.write_timeout_ms", w.write_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(key_error(key, "must be greater than 0"));
+            }
+        }
+        if s.loop_timeout_ms >= s.short_interval_ms {
+            return Err(key_error(
+                "session.loop_timeout_ms",
+                "must be shorter than session.short_interval_ms",
+            ));
+        }
+        if self.backend.timeout_ms >= s.short_interval_ms {
+            return Err(key_error(
+                "backend.timeout_ms",
+                "must be shorter than session.short_interval_ms",
+            ));
+        }
+        for (name, base) in &self.backends {
+            url::Url::parse(base)
+                .map_err(|e| key_error(&format!("backends.{name}"), format!("not a URL: {e}")))?;
+        }
+        Ok(())
+    }
+
+    pub fn short_interval(&self) -> Duration {
+        Duration::from_millis(self.session.short_interval_ms)
+    }
+}
+
+/// Overlays `TABHUB_*` variables on `value`, typed by the default configuration's leaves.
+fn apply_env(
+    value: &mut toml::Value,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let defaults = toml::Value::try_from(Config::default()).map_err(|e| ConfigError::Key {
+        key: "(defaults)".into(),
+        message: e.to_string(),
+    })?;
+    let mut leaves = Vec::new();
+    collect_leaves(&defaults, &mut Vec::new(), &mut leaves);
+    for (var, raw) in env {
+        let Some(rest) = var.strip_prefix("TABHUB_") else {
+            continue;
+        };
+        let target = leaves
+            .iter()
+            .find(|(path, _)| env_name(path) == rest)
+            .map(|(path, default)| (path.clone(), Some(*default)))
+            .or_else(|| {
+                FREE_TABLES.iter().find_map(|t| {
+                    let prefix = format!("{}_", t.to_uppercase());
+                    rest.strip_prefix(&prefix)
+                        .filter(|k| !k.is_empty())
+                        .map(|k| (vec![t.to_string(), k.to_lowercase()], None))
+                })
+            });
+        let Some((path, default)) = target else {
+            return Err(ConfigError::Env {
+                var: var.clone(),
+                key: rest.to_lowercase(),
+                message: "no such configuration key".into(),
+            });
+        };
+        let parsed = parse_env_value(&raw, default).map_err(|message| ConfigError::Env {
+            var: var.clone(),
+            key: path.join("."),
+            message,
+        })?;
+        set_path(value, &path, parsed);
+    }
+    Ok(())
+}
+
+fn env_name(path: &[String]) -> String {
+    path.join("_").to_uppercase()
+}
+
+fn collect_leaves<'a>(
+    v: &'a toml::Value,
+    path: &mut Vec<String>,
+    out: &mut Vec<(Vec<String>, &'a toml::Value)>,
+) {
+    match v {
+        toml::Value::Table(t) if !FREE_TABLES.contains(&path.join(".").as_str()) => {
+            for (k, child) in t {
+                path.push(k.clone());
+                collect_leaves(child, path, out);
+                path.pop();
+            }
+        }
+        toml::Value::Table(_) => {}
+        leaf => out.push((path.clone(), leaf)),
+    }
+}
+
+fn parse_env_value(raw: &str, default: Option<&toml::Value>) -> Result<toml::Value, String> {
+    use toml::Value as V;
+    Ok(match default {
+        Some(V::Integer(_)) => V::Integer(
+            raw.trim()
+                .parse()
+                .map_err(|_| format!("expected an integer, got {raw:?}"))?,
+        ),
+        Some(V::Boolean(_)) => V::Boolean(match raw.trim() {
+            "true" | "1" | "yes" => true,
+            "false" | "0" | "no" => false,
+            _ => return Err(format!("expected true or false, got {raw:?}")),
+        }),
+        Some(V::Array(_)) if raw.trim_start().starts_with('[') => {
+            let t: toml::Table = toml::from_str(&format!("v = {raw}"))
+                .map_err(|e| format!("not a TOML array: {}", e.message()))?;
+            t.get("v").cloned().unwrap_or(V::Array(vec![]))
+        }
+        Some(V::Array(_)) => V::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| V::String(s.to_owned()))
+                .collect(),
+        ),
+        _ => V::String(raw.to_owned()),
+    })
+}
+
+fn set_path(root: &mut toml::Value, path: &[String], leaf: toml::Value) {
+    let mut cur = root;
+    for (i, key) in path.iter().enumerate() {
+        let toml::Value::Table(t) = cur else { return };
+        if i + 1 == path.len() {
+            t.insert(key.clone(), leaf);
+            return;
+        }
+        cur = t
+            .entry(key.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minimal() -> Vec<(String, String)> {
+        vec![
+            ("TABHUB_AUTH_ISSUER".into(), "https://kc.example/realms/renku".into()),
+            ("TABHUB_AUTH_CLIENT_IDS".into(), "renku-ui, renku-cli".into()),
+        ]
+    }
+
+    #[test]
+    fn env_overrides_typed_leaves_and_free_tables() {
+        let mut env = minimal();
+        env.push(("TABHUB_SESSION_LINGER_MS".into(), "250".into()));
+        env.push(("TABHUB_ORIGINS_ALLOW_MISSING".into(), "true".into()));
+        env.push(("TABHUB_BACKENDS_GATEWAY".into(), "http://gw.local/api".into()));
+        let c = Config::load(None, env).unwrap();
+        assert_eq!(c.session.linger_ms, 250);
+        assert!(c.origins.allow_missing);
+        assert_eq!(c.auth.client_ids, vec!["renku-ui", "renku-cli"]);
+        assert_eq!(c.backends["gateway"], "http://gw.local/api");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let mut env = minimal();
+        env.push(("TABHUB_SESSION_LINGER_MS".into(), "soon".into()));
+        let e = Config::load(None, env).unwrap_err().to_string();
+        assert!(e.contains("session.linger_ms") && e.contains("integer"), "{e}");
+
+        let e = Config::load(None, vec![]).unwrap_err().to_string();
+        assert!(e.contains("auth.issuer"), "{e}");
+
+        let e = Config::from_toml(toml::from_str("[session]\nlingr_ms = 3").unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lingr_ms"), "{e}");
+
+        let mut env = minimal();
+        env.push(("TABHUB_SESSION_LOOP_TIMEOUT_MS".into(), "9000".into()));
+        let e = Config::load(None, env).unwrap_err().to_string();
+        assert!(e.contains("session.loop_timeout_ms"), "{e}");
+
+        let mut env = minimal();
+        env.push(("TABHUB_ORIGINS_ALLOWED".into(), "https://a.example/path".into()));
+        let e = Config::load(None, env).unwrap_err().to_string();
+        assert!(e.contains("origins.allowed[0]"), "{e}");
+    }
+}

@@ -1,0 +1,210 @@
+//! One tab's connection after the upgrade: reports a refused credential in-band, joins the user's session, then
+//! reads frames and dispatches commands until the tab closes.
+//!
+//! A bad message never closes the socket: it gets an `error` naming the problem, to that tab only.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
+
+use crate::app::App;
+use crate::auth::{AuthError, Verified};
+use crate::close_codes;
+use crate::context::TabContext;
+use crate::protocol;
+use crate::session::{AttachError, Session};
+use crate::tab::{self, Keepalive, Tab};
+
+/// Runs a tab from the upgrade to its end.
+pub async fn run<S>(app: Arc<App>, ws: WebSocketStream<S>, auth: Result<Verified, AuthError>, peer: SocketAddr)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let w = &app.config.websocket;
+    let keepalive = Keepalive {
+        ping_interval: Duration::from_millis(w.ping_interval_ms),
+        idle_timeout: Duration::from_millis(w.idle_timeout_ms),
+        write_timeout: Duration::from_millis(w.write_timeout_ms),
+    };
+    let (sink, mut stream) = ws.split();
+    let (tab, outbox) = Tab::new(
+        app.next_tab_id(),
+        w.outbound_queue_messages,
+        w.outbound_queue_bytes,
+        app.metrics.clone(),
+    );
+    let writer = tokio::spawn(tab::write_loop(tab.clone(), outbox, sink, keepalive));
+
+    let verified = match auth {
+        Ok(v) => v,
+        Err(e) => {
+            refuse(&tab, &e);
+            finish(&app, &tab, writer).await;
+            return;
+        }
+    };
+    let span = tracing::info_span!("tab", user = %verified.user.id, tab = tab.id);
+    let _entered = span.enter();
+    tab.send(protocol::encode(
+        "init",
+        &json!({
+            "message": "Connection established.",
+            "user": verified.user.name,
+            "instance": app.instance,
+        }),
+        None,
+    ));
+    let session = match app.hub.join(&app, &verified, &tab) {
+        Ok(s) => s,
+        Err(AttachError::TooManyTabs | AttachError::Stopped) => {
+            tab.send(protocol::encode(
+                "error",
+                &json!({"message": "Too many open tabs for this user.", "tooManyTabs": true}),
+                None,
+            ));
+            tab.close(close_codes::TOO_MANY_TABS, "too many tabs");
+            finish(&app, &tab, writer).await;
+            return;
+        }
+    };
+    drop(_entered);
+    app.metrics.tabs.inc();
+    tracing::debug!(parent: &span, %peer, "tab joined");
+
+    read_loop(&app, &session, &tab, &mut stream).await;
+
+    tab.close(close_codes::NORMAL, "");
+    app.hub.leave(&app, &session, tab.id);
+    app.metrics.tabs.dec();
+    finish(&app, &tab, writer).await;
+    tracing::debug!(parent: &span, "tab left");
+}
+
+/// Tells a tab why its credential was refused, then closes it with the matching code.
+fn refuse(tab: &Tab, e: &AuthError) {
+    let message = e.to_string();
+    let (data, code) = match e {
+        AuthError::Missing => (
+            json!({"message": message, "missingAuth": true}),
+            close_codes::MISSING_AUTH,
+        ),
+        AuthError::Expired => (
+            json!({"message": message, "authExpired": true}),
+            close_codes::TOKEN_EXPIRED,
+        ),
+        AuthError::Invalid(_) => (
+            json!({"message": message, "invalidToken": true}),
+            close_codes::INVALID_TOKEN,
+        ),
+        AuthError::Unavailable => (
+            json!({"message": message, "retry": true}),
+            close_codes::TRY_AGAIN_LATER,
+        ),
+    };
+    tab.send(protocol::encode("error", &data, None));
+    tab.close(code, code.name);
+}
+
+async fn finish(app: &App, tab: &Tab, writer: tokio::task::JoinHandle<()>) {
+    let _ = writer.await;
+    let code = tab
+        .close_request()
+        .map(|(c, _)| c.code)
+        .unwrap_or(close_codes::NORMAL.code);
+    app.metrics.closes.inc(&[&code.to_string()]);
+}
+
+async fn read_loop<S>(app: &Arc<App>, session: &Arc<Session>, tab: &Arc<Tab>, stream: &mut S)
+where
+    S: Stream<Item = Result<Message, WsError>> + Unpin,
+{
+    let command_timeout = Duration::from_millis(app.config.limits.command_timeout_ms);
+    loop {
+        let frame = tokio::select! {
+            biased;
+            _ = tab.closed() => return,
+            f = stream.next() => f,
+        };
+        let msg = match frame {
+            None => return,
+            Some(Err(WsError::Capacity(_))) => {
+                tab.close(close_codes::MESSAGE_TOO_BIG, "message too big");
+                return;
+            }
+            Some(Err(_)) => return,
+            Some(Ok(m)) => m,
+        };
+        tab.touch();
+        match msg {
+            Message::Text(text) => {
+                tokio::select! {
+                    biased;
+                    _ = tab.closed() => return,
+                    _ = handle_text(app, session, tab, text.as_str(), command_timeout) => {}
+                }
+            }
+            Message::Binary(_) => send_error(
+                tab,
+                "binary frames are not supported: send JSON text frames",
+                None,
+            ),
+            Message::Close(_) => return,
+            _ => {}
+        }
+    }
+}
+
+async fn handle_text(
+    app: &Arc<App>,
+    session: &Arc<Session>,
+    tab: &Arc<Tab>,
+    text: &str,
+    timeout: Duration,
+) {
+    let req = match protocol::decode(text) {
+        Ok(r) => r,
+        Err(e) => {
+            app.metrics.commands.inc(&["(invalid)", "bad_request"]);
+            tab.send(protocol::encode(
+                "error",
+                &json!({"message": e.message}),
+                e.id.as_ref(),
+            ));
+            return;
+        }
+    };
+    let ctx = TabContext {
+        app,
+        session,
+        tab,
+        id: req.id.as_ref(),
+    };
+    // Unknown names must not grow the metrics without bound.
+    let label = if app.registry.contains(&req.kind) {
+        req.kind.as_str()
+    } else {
+        "(unknown)"
+    };
+    let result = tokio::time::timeout(timeout, app.registry.dispatch(&req.kind, req.data.clone(), &ctx)).await;
+    let outcome = match result {
+        Ok(Ok(())) => "ok",
+        Ok(Err(e)) => {
+            send_error(tab, e.message(), req.id.as_ref());
+            e.label()
+        }
+        Err(_) => {
+            send_error(tab, "the command timed out", req.id.as_ref());
+            "timeout"
+        }
+    };
+    app.metrics.commands.inc(&[label, outcome]);
+}
+
+fn send_error(tab: &Tab, message: &str, id: Option<&Value>) {
+    tab.send(protocol::encode("error", &json!({ "message": message }), id));
+}

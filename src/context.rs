@@ -1,0 +1,159 @@
+//! The engine's side of the command interface: [`TabContext`] for handlers, [`LoopCtx`] for loop functions.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Map, Value};
+use tabhub_commands::{
+    BackendError, BackendResponse, BoxFuture, CommandError, Context, LoopContext, LoopFunction,
+    Notification, SessionData, Topic, User,
+};
+
+use crate::app::App;
+use crate::protocol;
+use crate::session::Session;
+use crate::tab::Tab;
+
+/// A loop function's context: the session, for one iteration.
+pub struct LoopCtx {
+    session: Arc<Session>,
+}
+
+impl LoopCtx {
+    pub fn new(session: Arc<Session>) -> Self {
+        LoopCtx { session }
+    }
+}
+
+fn backend_get<'a>(
+    session: &'a Session,
+    backend: &'a str,
+    path: &'a str,
+) -> BoxFuture<'a, Result<BackendResponse, BackendError>> {
+    Box::pin(async move {
+        session
+            .app()
+            .backends
+            .get_as_user(backend, path, session)
+            .await
+    })
+}
+
+impl LoopContext for LoopCtx {
+    fn user(&self) -> &User {
+        &self.session.user
+    }
+    fn settings(&self) -> &Map<String, Value> {
+        &self.session.app().settings
+    }
+    fn session_data(&self) -> &SessionData {
+        self.session.data()
+    }
+    fn backend_get<'a>(
+        &'a self,
+        backend: &'a str,
+        path: &'a str,
+    ) -> BoxFuture<'a, Result<BackendResponse, BackendError>> {
+        backend_get(&self.session, backend, path)
+    }
+    fn shared_get<'a>(&'a self, url: &'a str) -> BoxFuture<'a, Result<BackendResponse, BackendError>> {
+        Box::pin(self.session.app().backends.shared_get(url))
+    }
+}
+
+/// A handler's context: the tab that sent the message, its session, and the message's `id`.
+pub struct TabContext<'a> {
+    pub app: &'a Arc<App>,
+    pub session: &'a Arc<Session>,
+    pub tab: &'a Arc<Tab>,
+    pub id: Option<&'a Value>,
+}
+
+impl LoopContext for TabContext<'_> {
+    fn user(&self) -> &User {
+        &self.session.user
+    }
+    fn settings(&self) -> &Map<String, Value> {
+        &self.app.settings
+    }
+    fn session_data(&self) -> &SessionData {
+        self.session.data()
+    }
+    fn backend_get<'a>(
+        &'a self,
+        backend: &'a str,
+        path: &'a str,
+    ) -> BoxFuture<'a, Result<BackendResponse, BackendError>> {
+        backend_get(self.session, backend, path)
+    }
+    fn shared_get<'a>(&'a self, url: &'a str) -> BoxFuture<'a, Result<BackendResponse, BackendError>> {
+        Box::pin(self.app.backends.shared_get(url))
+    }
+}
+
+impl Context for TabContext<'_> {
+    fn instance(&self) -> &str {
+        &self.app.instance
+    }
+
+    fn reply(&self, kind: &str, data: Value) {
+        self.tab.send(protocol::encode(kind, &data, self.id));
+    }
+
+    fn notify_user(&self, kind: &str, data: Value) {
+        self.session.broadcast(kind, &data);
+    }
+
+    fn register_loop(&self, function: LoopFunction) -> bool {
+        self.session.register_loop(function)
+    }
+
+    fn snapshot(&self, function: &str) -> Option<Vec<Notification>> {
+        self.session.snapshot(function)
+    }
+
+    fn run_loop_now(&self, function: &str) {
+        self.session.run_loop_now(function);
+    }
+
+    fn set_hidden(&self, hidden: bool) {
+        self.session.set_hidden(self.tab, hidden);
+    }
+
+    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Value, CommandError>> {
+        Box::pin(async move {
+            let verified = self
+                .app
+                .realm
+                .verify(token)
+                .await
+                .map_err(|e| CommandError::failed(e.to_string()))?;
+            if verified.user.id != self.session.user.id {
+                return Err(CommandError::failed(
+                    "the token belongs to another user; open a new connection to switch users",
+                ));
+            }
+            self.session.offer_token(&verified);
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            Ok(json!({
+                "message": "Token accepted.",
+                "expiresIn": verified.exp.saturating_sub(now),
+            }))
+        })
+    }
+
+    fn subscribe(&self, _topic: &Topic, _last_event_id: Option<&str>) -> Result<bool, CommandError> {
+        Err(CommandError::failed("subscriptions are not available on this server"))
+    }
+
+    fn unsubscribe(&self, _topic: &Topic) -> bool {
+        false
+    }
+
+    fn subscriptions(&self) -> Vec<Topic> {
+        Vec::new()
+    }
+}

@@ -1,0 +1,148 @@
+//! The websocket upgrade: checks the request, the `Origin` and the credential before answering 101, then hands the
+//! socket to [`crate::connection`].
+//!
+//! Authentication happens here, before the upgrade (tungstenite's `accept_hdr` callback is synchronous and cannot
+//! verify a token). A disallowed origin gets 403 and no upgrade. A missing, invalid or expired credential is
+//! upgraded anyway and reported in-band (`error`, then a close code), because a browser cannot read the body of a
+//! refused upgrade.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::WebSocketStream;
+
+use crate::app::App;
+use crate::auth::credential::{self, Source};
+use crate::auth::AuthError;
+
+/// A JSON error answer before any upgrade.
+pub fn json_error(status: StatusCode, message: &str) -> Response {
+    (status, axum::Json(json!({ "error": message }))).into_response()
+}
+
+fn header_has(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|v| v.trim().eq_ignore_ascii_case(token))
+}
+
+/// Whether `origin` may open a websocket.
+pub fn origin_allowed(app: &App, origin: &str) -> bool {
+    app.config.origins.allowed.iter().any(|o| o == origin)
+}
+
+pub async fn upgrade(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    mut req: Request,
+) -> Response {
+    let headers = req.headers();
+    if !header_has(headers, header::UPGRADE, "websocket")
+        || !header_has(headers, header::CONNECTION, "upgrade")
+    {
+        app.metrics.handshakes.inc(&["bad_request"]);
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "expected a websocket upgrade (Connection: Upgrade, Upgrade: websocket)",
+        );
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v != "13")
+    {
+        app.metrics.handshakes.inc(&["bad_request"]);
+        let mut r = json_error(StatusCode::UPGRADE_REQUIRED, "websocket version 13 required");
+        r.headers_mut()
+            .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        return r;
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY).cloned() else {
+        app.metrics.handshakes.inc(&["bad_request"]);
+        return json_error(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
+    };
+    if app.is_draining() {
+        app.metrics.handshakes.inc(&["draining"]);
+        return json_error(StatusCode::SERVICE_UNAVAILABLE, "server is draining; reconnect shortly");
+    }
+
+    let cred = credential::extract(headers, &app.config.auth.token_cookie);
+    let cookie_cred = matches!(cred, Some((_, Source::Cookie)));
+    match headers.get(header::ORIGIN).map(|o| o.to_str().unwrap_or("")) {
+        Some(origin) if !origin_allowed(&app, origin) => {
+            app.metrics.handshakes.inc(&["bad_origin"]);
+            return json_error(StatusCode::FORBIDDEN, "origin not allowed");
+        }
+        Some(_) => {}
+        None if app.config.origins.allow_missing && !cookie_cred => {}
+        None => {
+            app.metrics.handshakes.inc(&["bad_origin"]);
+            return json_error(StatusCode::FORBIDDEN, "missing Origin header");
+        }
+    }
+
+    let auth = match &cred {
+        None => Err(AuthError::Missing),
+        Some((token, _)) => app.realm.verify(token).await,
+    };
+    app.metrics.handshakes.inc(&[match &auth {
+        Ok(_) => "ok",
+        Err(AuthError::Missing) => "missing_credential",
+        Err(AuthError::Expired) => "expired",
+        Err(AuthError::Invalid(_)) => "invalid_token",
+        Err(AuthError::Unavailable) => "unavailable",
+    }]);
+
+    let offers_subprotocol =
+        credential::subprotocols(req.headers()).any(|p| p == credential::SUBPROTOCOL);
+    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return json_error(StatusCode::BAD_REQUEST, "connection cannot be upgraded");
+    };
+    let w = &app.config.websocket;
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(w.read_buffer_bytes)
+        .write_buffer_size(0)
+        .max_write_buffer_size(w.outbound_queue_bytes.max(w.max_message_bytes) * 2)
+        .max_message_size(Some(w.max_message_bytes))
+        .max_frame_size(Some(w.max_message_bytes));
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(ws_config),
+                )
+                .await;
+                crate::connection::run(app, ws, auth, peer).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+        }
+    });
+
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(v) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    if offers_subprotocol {
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(credential::SUBPROTOCOL),
+        );
+    }
+    resp
+}

@@ -1,0 +1,206 @@
+//! The `tabhub` command line: `serve`, `demo`, `commands`, `connect`.
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use futures_util::{SinkExt, StreamExt};
+use tabhub::{config::Config, demo};
+use tabhub_commands::Registry;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+#[derive(Parser)]
+#[command(name = "tabhub", version, about = "Backend-for-frontend websocket command server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve with a configuration file (and TABHUB_* environment variables).
+    Serve {
+        /// TOML configuration file; without it, only defaults and environment variables apply.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Serve the development setup: embedded issuer (alice/alice, bob/bob). FOR DEVELOPMENT ONLY.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+    },
+    /// Print every command with its parameters.
+    Commands,
+    /// A small interactive client: sends each stdin line (JSON) and prints every message received.
+    Connect {
+        /// Websocket URL.
+        #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
+        url: String,
+        /// Access token; without it, one is fetched from the demo issuer for --user.
+        #[arg(long, env = "TABHUB_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Demo user (alice or bob) when no token is given.
+        #[arg(long, default_value = "alice")]
+        user: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tabhub: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve { config } => {
+                let config = Config::load(config.as_deref(), std::env::vars())
+                    .map_err(|e| e.to_string())?;
+                serve(config, axum::Router::new()).await
+            }
+            Command::Demo { listen } => run_demo(listen).await,
+            Command::Commands => {
+                for c in Registry::builtin().describe() {
+                    println!("{c}");
+                }
+                Ok(())
+            }
+            Command::Connect { url, token, user } => connect(url, token, user).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tabhub: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if config.log.format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn serve(config: Config, extra: axum::Router) -> Result<(), String> {
+    init_logging(&config);
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let running = tabhub::start(listener, config, Registry::builtin(), extra)
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!(addr = %running.local_addr(), instance = %running.app().instance, "listening");
+    tokio::select! {
+        r = wait_for_signal() => r?,
+    }
+    tracing::info!("shutting down");
+    running.shutdown().await.map_err(|e| e.to_string())
+}
+
+async fn wait_for_signal() -> Result<(), String> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    Ok(())
+}
+
+async fn run_demo(listen: SocketAddr) -> Result<(), String> {
+    let base = demo::base_url(listen);
+    let issuer = demo::DevIssuer::new(&base).map_err(|e| format!("demo issuer: {e}"))?;
+    let config = demo::config(listen);
+    eprintln!(
+        "\n  tabhub demo: FOR DEVELOPMENT ONLY (public fixture keys, passwords = user names)\n\n  \
+         token:     curl -s -d grant_type=password -d client_id={cid} -d username=alice -d password=alice \\\n               \
+         {issuer}/protocol/openid-connect/token\n  \
+         websocket: ws://{host}/ws  (Authorization: Bearer <access_token>, or subprotocols [\"tabhub\", \"tabhub.bearer.<access_token>\"])\n  \
+         client:    cargo run --release -- connect --user alice     (in another terminal; type {{\"type\":\"ping\"}})\n",
+        cid = demo::CLIENT_ID,
+        issuer = issuer.issuer(),
+        host = base.trim_start_matches("http://"),
+    );
+    serve(config, issuer.router()).await
+}
+
+async fn connect(url: String, token: Option<String>, user: String) -> Result<(), String> {
+    let token = match token {
+        Some(t) => t,
+        None => {
+            let http_base = url
+                .replacen("ws://", "http://", 1)
+                .replacen("wss://", "https://", 1);
+            let base = http_base.trim_end_matches("/ws");
+            let resp: serde_json::Value = reqwest::Client::new()
+                .post(format!("{base}/realms/demo/protocol/openid-connect/token"))
+                .form(&[
+                    ("grant_type", "password"),
+                    ("client_id", demo::CLIENT_ID),
+                    ("username", &user),
+                    ("password", &user),
+                ])
+                .send()
+                .await
+                .map_err(|e| format!("token request: {e}"))?
+                .json()
+                .await
+                .map_err(|e| format!("token response: {e}"))?;
+            resp["access_token"]
+                .as_str()
+                .ok_or("the demo issuer gave no access_token")?
+                .to_owned()
+        }
+    };
+    let mut req = url.as_str().into_client_request().map_err(|e| e.to_string())?;
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {token}")
+            .parse()
+            .map_err(|_| "token is not a valid header value".to_string())?,
+    );
+    let (ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let (mut sink, mut stream) = ws.split();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(16);
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines().map_while(Result::ok) {
+            if tx.blocking_send(line).is_err() {
+                break;
+            }
+        }
+    });
+    loop {
+        tokio::select! {
+            line = rx.recv() => match line {
+                Some(l) if !l.trim().is_empty() => sink.send(Message::text(l)).await.map_err(|e| e.to_string())?,
+                Some(_) => {}
+                None => return Ok(()),
+            },
+            msg = stream.next() => match msg {
+                Some(Ok(Message::Text(t))) => println!("{t}"),
+                Some(Ok(Message::Close(f))) => {
+                    println!("closed: {f:?}");
+                    return Ok(());
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.to_string()),
+                None => return Ok(()),
+            }
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! Process metrics, rendered in Prometheus' text format at `GET /metrics`.
+//!
+//! Plain atomics for the hot paths (one relaxed add per message); labelled series (by command, by close code, by
+//! loop function) in small maps behind a mutex, touched once per command or iteration, never per delivery.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// A monotonically increasing count.
+#[derive(Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A value that goes up and down.
+#[derive(Default)]
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+    pub fn set(&self, v: i64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Counters by label values.
+#[derive(Default)]
+pub struct Family(Mutex<BTreeMap<Vec<String>, f64>>);
+
+impl Family {
+    pub fn add(&self, labels: &[&str], v: f64) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *m.entry(labels.iter().map(|s| (*s).to_owned()).collect())
+            .or_insert(0.0) += v;
+    }
+    pub fn inc(&self, labels: &[&str]) {
+        self.add(labels, 1.0);
+    }
+    pub fn get(&self, labels: &[&str]) -> f64 {
+        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let key: Vec<String> = labels.iter().map(|s| (*s).to_owned()).collect();
+        m.get(&key).copied().unwrap_or(0.0)
+    }
+    fn render(&self, out: &mut String, name: &str, help: &str, kind: &str, label_names: &[&str]) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for (values, v) in m.iter() {
+            let labels: Vec<String> = label_names
+                .iter()
+                .zip(values)
+                .map(|(n, v)| format!("{n}=\"{}\"", escape(v)))
+                .collect();
+            let _ = writeln!(out, "{name}{{{}}} {v}", labels.join(","));
+        }
+    }
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Every metric of the process.
+#[derive(Default)]
+pub struct Metrics {
+    pub tabs: Gauge,
+    pub sessions: Gauge,
+    pub lingering_sessions: Gauge,
+    pub upstream_streams: Gauge,
+    pub handshakes: Family,
+    pub closes: Family,
+    pub commands: Family,
+    pub loop_iterations: Family,
+    pub loop_seconds: Family,
+    pub loop_skipped_ticks: Family,
+    pub loop_errors: Family,
+    pub backend_calls: Family,
+    pub messages_queued: Counter,
+    pub messages_delivered: Counter,
+    pub messages_dropped: Counter,
+    pub idle_drops: Counter,
+    pub token_refreshes: Family,
+}
+
+impl Metrics {
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let gauge = |out: &mut String, name: &str, help: &str, v: i64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        };
+        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        };
+        gauge(&mut out, "tabhub_tabs", "Open websocket tabs.", self.tabs.get());
+        gauge(&mut out, "tabhub_users", "User sessions (one per user, lingering included).", self.sessions.get());
+        gauge(&mut out, "tabhub_lingering_sessions", "Sessions with no tab, waiting for a reload before stopping.", self.lingering_sessions.get());
+        gauge(&mut out, "tabhub_upstream_streams", "Open upstream SSE streams.", self.upstream_streams.get());
+        self.handshakes.render(&mut out, "tabhub_handshakes_total", "Websocket handshakes by outcome.", "counter", &["outcome"]);
+        self.closes.render(&mut out, "tabhub_closes_total", "Tabs closed, by close code.", "counter", &["code"]);
+        self.commands.render(&mut out, "tabhub_commands_total", "Commands by name and outcome.", "counter", &["command", "outcome"]);
+        self.loop_iterations.render(&mut out, "tabhub_loop_iterations_total", "Loop function iterations.", "counter", &["function"]);
+        self.loop_seconds.render(&mut out, "tabhub_loop_duration_seconds_total", "Time spent in loop function iterations.", "counter", &["function"]);
+        self.loop_skipped_ticks.render(&mut out, "tabhub_loop_skipped_ticks_total", "Ticks skipped because the previous iteration was still running.", "counter", &["function"]);
+        self.loop_errors.render(&mut out, "tabhub_loop_errors_total", "Loop function iterations that failed or timed out.", "counter", &["function"]);
+        self.backend_calls.render(&mut out, "tabhub_backend_calls_total", "Backend requests by backend and outcome.", "counter", &["backend", "outcome"]);
+        counter(&mut out, "tabhub_messages_queued_total", "Messages queued to tabs.", self.messages_queued.get());
+        counter(&mut out, "tabhub_messages_delivered_total", "Messages written to tabs' sockets.", self.messages_delivered.get());
+        counter(&mut out, "tabhub_messages_dropped_total", "Messages dropped because a tab's queue was full.", self.messages_dropped.get());
+        counter(&mut out, "tabhub_idle_drops_total", "Tabs dropped for not answering pings.", self.idle_drops.get());
+        let depth = self.messages_queued.get() as i64
+            - self.messages_delivered.get() as i64;
+        gauge(&mut out, "tabhub_outbound_queue_depth", "Messages queued to tabs and not yet written (all tabs).", depth.max(0));
+        self.token_refreshes.render(&mut out, "tabhub_token_refreshes_total", "Access-token refreshes by outcome.", "counter", &["outcome"]);
+        out
+    }
+}

@@ -1,0 +1,121 @@
+//! The listener and its routes: `/ws`, `/healthz`, `/readyz`, `/metrics`, plus any extra routes (the demo issuer).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde_json::json;
+use tabhub_commands::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::app::App;
+use crate::close_codes;
+use crate::config::Config;
+
+/// A running server.
+pub struct Running {
+    addr: SocketAddr,
+    app: Arc<App>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn app(&self) -> &Arc<App> {
+        &self.app
+    }
+
+    /// Refuses new upgrades, closes every tab with 1012, stops every session and the listener.
+    pub async fn shutdown(self) -> std::io::Result<()> {
+        self.app.set_draining();
+        self.app
+            .hub
+            .stop_all(close_codes::SERVICE_RESTART, "server shutting down");
+        let _ = self.stop.send(true);
+        self.task.await.unwrap_or(Ok(()))
+    }
+
+    /// Waits until the listener stops.
+    pub async fn wait(self) -> std::io::Result<()> {
+        self.task.await.unwrap_or(Ok(()))
+    }
+}
+
+/// Starts serving on `listener`: loads the realm in the background (readiness waits for it).
+pub async fn start(
+    listener: TcpListener,
+    config: Config,
+    registry: Registry,
+    extra: Router,
+) -> std::io::Result<Running> {
+    let addr = listener.local_addr()?;
+    let app = App::new(config, registry);
+    tokio::spawn(app.realm.clone().load_with_retry());
+    let router = Router::new()
+        .route("/ws", get(crate::handshake::upgrade))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(app.clone())
+        .merge(extra);
+    let (stop, mut stopped) = watch::channel(false);
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let task = tokio::spawn(async move {
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        })
+        .await
+    });
+    Ok(Running {
+        addr,
+        app,
+        stop,
+        task,
+    })
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    let (status, reason) = if app.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining")
+    } else if !app.realm.is_ready() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "identity provider discovery and keys not loaded yet",
+        )
+    } else {
+        (StatusCode::OK, "ready")
+    };
+    (
+        status,
+        axum::Json(json!({"ready": status == StatusCode::OK, "status": reason, "instance": app.instance})),
+    )
+        .into_response()
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.metrics.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,390 @@
+//! A user's session: shared by all the user's tabs, it holds the newest token, the loop functions and their
+//! snapshots, and the command state ([`SessionData`]).
+//!
+//! State lives behind one short-held mutex, never held across an `.await`. Lock order is always hub, then
+//! session, then tab; this makes "attach a tab" and "stop after the linger" atomic with respect to each other, so a
+//! user can never have two sessions or two copies of a loop (see [`crate::hub`]).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+use tabhub_commands::{Cadence, LoopFunction, Notification, SessionData, User};
+use tokio::sync::{watch, Notify};
+use tokio::task::AbortHandle;
+
+use crate::app::App;
+use crate::auth::Verified;
+use crate::close_codes::{self, CloseCode};
+use crate::protocol;
+use crate::tab::Tab;
+
+/// One registered loop function.
+struct LoopSlot {
+    cadence: Cadence,
+    wake: Arc<Notify>,
+    task: AbortHandle,
+    /// The last notification of each kind the function sent: what a joining tab receives at once.
+    snapshot: Vec<Notification>,
+    /// Whether the last iteration failed: errors are told once per change of state.
+    failing: bool,
+}
+
+struct Inner {
+    tabs: Vec<Arc<Tab>>,
+    /// Bumped on every attach and on every detach that empties the session, so that a linger timer can tell
+    /// whether the session stayed empty since it started.
+    generation: u64,
+    stopped: bool,
+    loops: BTreeMap<String, LoopSlot>,
+    /// Tasks that die with the session (token expiry watcher...).
+    tasks: Vec<AbortHandle>,
+}
+
+/// Why a tab could not join.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttachError {
+    /// The session stopped meanwhile; the hub creates a new one.
+    Stopped,
+    /// The user already has the maximum number of tabs.
+    TooManyTabs,
+}
+
+pub struct Session {
+    pub user: User,
+    app: Arc<App>,
+    data: SessionData,
+    inner: Mutex<Inner>,
+    /// The newest token; a watch channel so the expiry watcher can wait for changes without holding the session.
+    token: watch::Sender<Option<Verified>>,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+impl Session {
+    pub(crate) fn new(app: Arc<App>, user: User) -> Arc<Session> {
+        let session = Arc::new(Session {
+            user,
+            app,
+            data: SessionData::default(),
+            inner: Mutex::new(Inner {
+                tabs: Vec::new(),
+                generation: 0,
+                stopped: false,
+                loops: BTreeMap::new(),
+                tasks: Vec::new(),
+            }),
+            token: watch::Sender::new(None),
+        });
+        let watcher = tokio::spawn(watch_expiry(
+            Arc::downgrade(&session),
+            session.token.subscribe(),
+        ))
+        .abort_handle();
+        session.lock().tasks.push(watcher);
+        session.app.metrics.sessions.inc();
+        tracing::debug!(user = %session.user.id, "session started");
+        session
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn app(&self) -> &Arc<App> {
+        &self.app
+    }
+
+    pub fn data(&self) -> &SessionData {
+        &self.data
+    }
+
+    /// Adds a tab, offers its token, and queues the loop snapshots to it.
+    pub(crate) fn attach(&self, tab: &Arc<Tab>, token: &Verified) -> Result<(), AttachError> {
+        let mut inner = self.lock();
+        if inner.stopped {
+            return Err(AttachError::Stopped);
+        }
+        let max = self.app.config.limits.max_tabs_per_user;
+        if max > 0 && inner.tabs.len() >= max {
+            return Err(AttachError::TooManyTabs);
+        }
+        if inner.tabs.is_empty() && inner.generation > 0 {
+            self.app.metrics.lingering_sessions.dec();
+        }
+        inner.tabs.push(tab.clone());
+        inner.generation += 1;
+        for slot in inner.loops.values() {
+            for n in &slot.snapshot {
+                tab.send(protocol::encode(&n.kind, &n.data, None));
+            }
+        }
+        drop(inner);
+        self.offer_token(token);
+        Ok(())
+    }
+
+    /// Removes a tab. Returns the generation to linger on when it was the last.
+    pub(crate) fn detach(&self, tab_id: u64) -> Option<u64> {
+        let mut inner = self.lock();
+        let before = inner.tabs.len();
+        inner.tabs.retain(|t| t.id != tab_id);
+        if before != inner.tabs.len() && inner.tabs.is_empty() && !inner.stopped {
+            inner.generation += 1;
+            self.app.metrics.lingering_sessions.inc();
+            Some(inner.generation)
+        } else {
+            None
+        }
+    }
+
+    /// Stops the session if it is still empty since `generation`: aborts its loops and tasks. Called by the hub
+    /// under the hub's lock.
+    pub(crate) fn try_stop(&self, generation: u64) -> bool {
+        let mut inner = self.lock();
+        if inner.stopped || !inner.tabs.is_empty() || inner.generation != generation {
+            return false;
+        }
+        self.stop_locked(&mut inner);
+        self.app.metrics.lingering_sessions.dec();
+        true
+    }
+
+    /// Stops at once, closing every tab with `code` (drain, logout).
+    pub(crate) fn stop_now(&self, code: CloseCode, reason: &str) -> bool {
+        let mut inner = self.lock();
+        if inner.stopped {
+            return false;
+        }
+        if inner.tabs.is_empty() && inner.generation > 0 {
+            self.app.metrics.lingering_sessions.dec();
+        }
+        for t in inner.tabs.drain(..) {
+            t.close(code, reason);
+        }
+        self.stop_locked(&mut inner);
+        true
+    }
+
+    fn stop_locked(&self, inner: &mut Inner) {
+        inner.stopped = true;
+        for (_, slot) in std::mem::take(&mut inner.loops) {
+            slot.task.abort();
+        }
+        for t in inner.tasks.drain(..) {
+            t.abort();
+        }
+        self.app.metrics.sessions.dec();
+        tracing::debug!(user = %self.user.id, "session stopped");
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.lock().stopped
+    }
+
+    pub fn tab_count(&self) -> usize {
+        self.lock().tabs.len()
+    }
+
+    /// Sends a message to every tab of the user; serialized once.
+    pub fn broadcast(&self, kind: &str, data: &Value) {
+        let msg = protocol::encode(kind, data, None);
+        for t in &self.lock().tabs {
+            t.send(msg.clone());
+        }
+    }
+
+    /// Closes every tab with `code` (they detach themselves as their connections end).
+    pub fn close_all(&self, code: CloseCode, reason: &str) {
+        for t in &self.lock().tabs {
+            t.close(code, reason);
+        }
+    }
+
+    // ---- token ----
+
+    /// Makes `token` the session's token if it expires later than the current one.
+    pub fn offer_token(&self, token: &Verified) {
+        self.token.send_if_modified(|cur| {
+            let newer = cur.as_ref().is_none_or(|c| token.exp > c.exp);
+            if newer {
+                *cur = Some(token.clone());
+            }
+            newer
+        });
+    }
+
+    /// The newest token, if it has not expired.
+    pub fn valid_token(&self) -> Option<Verified> {
+        self.token
+            .borrow()
+            .as_ref()
+            .filter(|t| t.exp > now_unix())
+            .cloned()
+    }
+
+
+    // ---- loops ----
+
+    /// Registers a loop function; false when one of that name exists or the session stopped.
+    pub fn register_loop(self: &Arc<Self>, function: LoopFunction) -> bool {
+        let mut inner = self.lock();
+        if inner.stopped || inner.loops.contains_key(function.name.as_ref()) {
+            return false;
+        }
+        let wake = Arc::new(Notify::new());
+        let name = function.name.to_string();
+        let cadence = function.cadence;
+        let task = crate::loops::spawn(Arc::downgrade(self), function, wake.clone());
+        inner.loops.insert(
+            name,
+            LoopSlot {
+                cadence,
+                wake,
+                task,
+                snapshot: Vec::new(),
+                failing: false,
+            },
+        );
+        true
+    }
+
+    pub fn has_loop(&self, name: &str) -> bool {
+        self.lock().loops.contains_key(name)
+    }
+
+    pub fn snapshot(&self, name: &str) -> Option<Vec<Notification>> {
+        self.lock()
+            .loops
+            .get(name)
+            .filter(|s| !s.snapshot.is_empty())
+            .map(|s| s.snapshot.clone())
+    }
+
+    pub fn run_loop_now(&self, name: &str) {
+        if let Some(slot) = self.lock().loops.get(name) {
+            slot.wake.notify_one();
+        }
+    }
+
+    /// The interval of a cadence now: the short loop slows down while every tab is hidden.
+    pub fn interval(&self, cadence: Cadence) -> Duration {
+        let s = &self.app.config.session;
+        match cadence {
+            Cadence::Long => Duration::from_millis(s.long_interval_ms),
+            Cadence::Short if self.all_hidden() => Duration::from_millis(s.hidden_interval_ms),
+            Cadence::Short => Duration::from_millis(s.short_interval_ms),
+        }
+    }
+
+    fn all_hidden(&self) -> bool {
+        let inner = self.lock();
+        !inner.tabs.is_empty() && inner.tabs.iter().all(|t| t.is_hidden())
+    }
+
+    /// Marks a tab hidden or visible; when the first tab becomes visible again, the short loops run at once.
+    pub fn set_hidden(&self, tab: &Tab, hidden: bool) {
+        let was_all_hidden = self.all_hidden();
+        if tab.set_hidden(hidden) && was_all_hidden && !hidden {
+            for slot in self.lock().loops.values() {
+                if slot.cadence == Cadence::Short {
+                    slot.wake.notify_one();
+                }
+            }
+        }
+    }
+
+    /// Applies an iteration's outcome: sends and snapshots its notifications; tells the tabs when the function
+    /// starts failing and when it recovers, not at every failing tick.
+    pub(crate) fn loop_finished(&self, name: &str, outcome: Result<Vec<Notification>, String>) {
+        let mut inner = self.lock();
+        let Inner { tabs, loops, .. } = &mut *inner;
+        let Some(slot) = loops.get_mut(name) else {
+            return;
+        };
+        let send = |kind: &str, data: &Value| {
+            let msg = protocol::encode(kind, data, None);
+            for t in tabs.iter() {
+                t.send(msg.clone());
+            }
+        };
+        match outcome {
+            Ok(notes) => {
+                if slot.failing {
+                    slot.failing = false;
+                    send("recovered", &json!({"function": name}));
+                }
+                for n in notes {
+                    send(&n.kind, &n.data);
+                    match slot.snapshot.iter_mut().find(|s| s.kind == n.kind) {
+                        Some(s) => *s = n,
+                        None => slot.snapshot.push(n),
+                    }
+                }
+            }
+            Err(message) => {
+                self.app.metrics.loop_errors.inc(&[name]);
+                if !slot.failing {
+                    slot.failing = true;
+                    send(
+                        "error",
+                        &json!({"message": format!("{name}: {message}"), "function": name}),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Tells the tabs before the session's token expires (`authExpiring`), and closes them with
+/// [`close_codes::TOKEN_EXPIRED`] when it does expire without a fresher one. Holds only a weak reference while
+/// sleeping so it never keeps a session alive.
+async fn watch_expiry(session: Weak<Session>, mut token: watch::Receiver<Option<Verified>>) {
+    let mut warned_for = None;
+    loop {
+        let exp = token.borrow_and_update().as_ref().map(|t| t.exp);
+        let Some(exp) = exp else {
+            if token.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let now = now_unix();
+        if now >= exp {
+            if let Some(s) = session.upgrade() {
+                tracing::info!(user = %s.user.id, "session token expired without renewal");
+                s.broadcast(
+                    "error",
+                    &json!({"message": "Your session's access token expired.", "authExpired": true}),
+                );
+                s.close_all(close_codes::TOKEN_EXPIRED, "token expired");
+            }
+            if token.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let margin = match session.upgrade() {
+            Some(s) => s.app.config.auth.expiry_warning_ms / 1000,
+            None => return,
+        };
+        let warn_at = exp.saturating_sub(margin);
+        if now >= warn_at && warned_for != Some(exp) {
+            warned_for = Some(exp);
+            if let Some(s) = session.upgrade() {
+                s.broadcast("authExpiring", &json!({"expiresIn": exp - now}));
+            }
+        }
+        let until = if now < warn_at { warn_at } else { exp };
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(until - now)) => {}
+            r = token.changed() => if r.is_err() { return },
+        }
+    }
+}
