@@ -100,7 +100,9 @@ impl Backends {
         self.shared
             .try_get_with(url.to_owned(), async {
                 let r = self.fetch(url, None).await?;
-                self.metrics.backend_calls.inc(&["shared", outcome(&Ok(r.clone()))]);
+                self.metrics
+                    .backend_calls
+                    .inc(&["shared", outcome(&Ok(r.clone()))]);
                 if r.status >= 500 {
                     return Err(BackendError::Network(format!("status {}", r.status)));
                 }

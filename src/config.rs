@@ -70,7 +70,7 @@ pub struct AuthConfig {
     pub expiry_warning_ms: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OriginConfig {
     /// Origins allowed to open a websocket, e.g. `https://renku.example` (scheme, host and port, exactly).
@@ -186,15 +186,6 @@ impl Default for AuthConfig {
             http_timeout_ms: 5_000,
             jwks_refetch_min_interval_ms: 10_000,
             expiry_warning_ms: 60_000,
-        }
-    }
-}
-
-impl Default for OriginConfig {
-    fn default() -> Self {
-        OriginConfig {
-            allowed: Vec::new(),
-            allow_missing: false,
         }
     }
 }
@@ -324,7 +315,10 @@ impl Config {
                 .map_err(|m| key_error("auth.algorithms", format!("{alg}: {m}")))?;
         }
         if a.algorithms.is_empty() {
-            return Err(key_error("auth.algorithms", "at least one algorithm is needed"));
+            return Err(key_error(
+                "auth.algorithms",
+                "at least one algorithm is needed",
+            ));
         }
         for (i, o) in self.origins.allowed.iter().enumerate() {
             let parsed = url::Url::parse(o)
@@ -346,7 +340,10 @@ impl Config {
         for (key, v) in [
             ("websocket.max_message_bytes", w.max_message_bytes),
             ("websocket.read_buffer_bytes", w.read_buffer_bytes),
-            ("websocket.outbound_queue_messages", w.outbound_queue_messages),
+            (
+                "websocket.outbound_queue_messages",
+                w.outbound_queue_messages,
+            ),
             ("websocket.outbound_queue_bytes", w.outbound_queue_bytes),
         ] {
             if v == 0 {
@@ -512,8 +509,14 @@ mod tests {
 
     fn minimal() -> Vec<(String, String)> {
         vec![
-            ("TABHUB_AUTH_ISSUER".into(), "https://kc.example/realms/renku".into()),
-            ("TABHUB_AUTH_CLIENT_IDS".into(), "renku-ui, renku-cli".into()),
+            (
+                "TABHUB_AUTH_ISSUER".into(),
+                "https://kc.example/realms/renku".into(),
+            ),
+            (
+                "TABHUB_AUTH_CLIENT_IDS".into(),
+                "renku-ui, renku-cli".into(),
+            ),
         ]
     }
 
@@ -522,7 +525,10 @@ mod tests {
         let mut env = minimal();
         env.push(("TABHUB_SESSION_LINGER_MS".into(), "250".into()));
         env.push(("TABHUB_ORIGINS_ALLOW_MISSING".into(), "true".into()));
-        env.push(("TABHUB_BACKENDS_GATEWAY".into(), "http://gw.local/api".into()));
+        env.push((
+            "TABHUB_BACKENDS_GATEWAY".into(),
+            "http://gw.local/api".into(),
+        ));
         let c = Config::load(None, env).unwrap();
         assert_eq!(c.session.linger_ms, 250);
         assert!(c.origins.allow_missing);
@@ -535,7 +541,10 @@ mod tests {
         let mut env = minimal();
         env.push(("TABHUB_SESSION_LINGER_MS".into(), "soon".into()));
         let e = Config::load(None, env).unwrap_err().to_string();
-        assert!(e.contains("session.linger_ms") && e.contains("integer"), "{e}");
+        assert!(
+            e.contains("session.linger_ms") && e.contains("integer"),
+            "{e}"
+        );
 
         let e = Config::load(None, vec![]).unwrap_err().to_string();
         assert!(e.contains("auth.issuer"), "{e}");
@@ -551,7 +560,10 @@ mod tests {
         assert!(e.contains("session.loop_timeout_ms"), "{e}");
 
         let mut env = minimal();
-        env.push(("TABHUB_ORIGINS_ALLOWED".into(), "https://a.example/path".into()));
+        env.push((
+            "TABHUB_ORIGINS_ALLOWED".into(),
+            "https://a.example/path".into(),
+        ));
         let e = Config::load(None, env).unwrap_err().to_string();
         assert!(e.contains("origins.allowed[0]"), "{e}");
     }

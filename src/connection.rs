@@ -21,8 +21,12 @@ use crate::session::{AttachError, Session};
 use crate::tab::{self, Keepalive, Tab};
 
 /// Runs a tab from the upgrade to its end.
-pub async fn run<S>(app: Arc<App>, ws: WebSocketStream<S>, auth: Result<Verified, AuthError>, peer: SocketAddr)
-where
+pub async fn run<S>(
+    app: Arc<App>,
+    ws: WebSocketStream<S>,
+    auth: Result<Verified, AuthError>,
+    peer: SocketAddr,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let w = &app.config.websocket;
@@ -190,7 +194,11 @@ async fn handle_text(
     } else {
         "(unknown)"
     };
-    let result = tokio::time::timeout(timeout, app.registry.dispatch(&req.kind, req.data.clone(), &ctx)).await;
+    let result = tokio::time::timeout(
+        timeout,
+        app.registry.dispatch(&req.kind, req.data.clone(), &ctx),
+    )
+    .await;
     let outcome = match result {
         Ok(Ok(())) => "ok",
         Ok(Err(e)) => {
@@ -206,5 +214,9 @@ async fn handle_text(
 }
 
 fn send_error(tab: &Tab, message: &str, id: Option<&Value>) {
-    tab.send(protocol::encode("error", &json!({ "message": message }), id));
+    tab.send(protocol::encode(
+        "error",
+        &json!({ "message": message }),
+        id,
+    ));
 }

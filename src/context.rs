@@ -56,7 +56,10 @@ impl LoopContext for LoopCtx {
     ) -> BoxFuture<'a, Result<BackendResponse, BackendError>> {
         backend_get(&self.session, backend, path)
     }
-    fn shared_get<'a>(&'a self, url: &'a str) -> BoxFuture<'a, Result<BackendResponse, BackendError>> {
+    fn shared_get<'a>(
+        &'a self,
+        url: &'a str,
+    ) -> BoxFuture<'a, Result<BackendResponse, BackendError>> {
         Box::pin(self.session.app().backends.shared_get(url))
     }
 }
@@ -86,7 +89,10 @@ impl LoopContext for TabContext<'_> {
     ) -> BoxFuture<'a, Result<BackendResponse, BackendError>> {
         backend_get(self.session, backend, path)
     }
-    fn shared_get<'a>(&'a self, url: &'a str) -> BoxFuture<'a, Result<BackendResponse, BackendError>> {
+    fn shared_get<'a>(
+        &'a self,
+        url: &'a str,
+    ) -> BoxFuture<'a, Result<BackendResponse, BackendError>> {
         Box::pin(self.app.backends.shared_get(url))
     }
 }
@@ -145,8 +151,14 @@ impl Context for TabContext<'_> {
         })
     }
 
-    fn subscribe(&self, _topic: &Topic, _last_event_id: Option<&str>) -> Result<bool, CommandError> {
-        Err(CommandError::failed("subscriptions are not available on this server"))
+    fn subscribe(
+        &self,
+        _topic: &Topic,
+        _last_event_id: Option<&str>,
+    ) -> Result<bool, CommandError> {
+        Err(CommandError::failed(
+            "subscriptions are not available on this server",
+        ))
     }
 
     fn unsubscribe(&self, _topic: &Topic) -> bool {

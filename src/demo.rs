@@ -56,7 +56,10 @@ impl DevIssuer {
     /// The realm's routes.
     pub fn router(self: &Arc<Self>) -> Router {
         Router::new()
-            .route("/realms/demo/.well-known/openid-configuration", get(discovery))
+            .route(
+                "/realms/demo/.well-known/openid-configuration",
+                get(discovery),
+            )
             .route("/realms/demo/protocol/openid-connect/certs", get(certs))
             .route("/realms/demo/protocol/openid-connect/token", post(token))
             .with_state(self.clone())
@@ -115,22 +118,38 @@ struct TokenForm {
 }
 
 fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
-    (status, Json(json!({"error": error, "error_description": description}))).into_response()
+    (
+        status,
+        Json(json!({"error": error, "error_description": description})),
+    )
+        .into_response()
 }
 
 async fn token(State(i): State<Arc<DevIssuer>>, Form(f): Form<TokenForm>) -> Response {
     if f.grant_type != "password" {
-        return oauth_error(StatusCode::BAD_REQUEST, "unsupported_grant_type", "the demo issuer supports grant_type=password");
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "unsupported_grant_type",
+            "the demo issuer supports grant_type=password",
+        );
     }
     if f.client_id.as_deref() != Some(CLIENT_ID) {
-        return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "client_id must be tabhub-demo");
+        return oauth_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "client_id must be tabhub-demo",
+        );
     }
     let user = f.username.unwrap_or_default();
     let Some((name, sub)) = USERS
         .iter()
         .find(|(u, _)| *u == user && f.password.as_deref() == Some(*u))
     else {
-        return oauth_error(StatusCode::UNAUTHORIZED, "invalid_grant", "Invalid user credentials");
+        return oauth_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_grant",
+            "Invalid user credentials",
+        );
     };
     match i.mint(name, sub) {
         Ok(t) => Json(json!({
@@ -141,7 +160,11 @@ async fn token(State(i): State<Arc<DevIssuer>>, Form(f): Form<TokenForm>) -> Res
             "scope": "openid profile email",
         }))
         .into_response(),
-        Err(_) => oauth_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "signing failed"),
+        Err(_) => oauth_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "signing failed",
+        ),
     }
 }
 
@@ -154,14 +177,18 @@ pub fn config(addr: SocketAddr) -> Config {
         addr
     };
     let base = format!("http://{host}");
-    let mut c = Config::default();
-    c.listen = addr;
+    let mut c = Config {
+        listen: addr,
+        ..Config::default()
+    };
     c.auth.issuer = format!("{base}/realms/demo");
     c.auth.client_ids = vec![CLIENT_ID.into()];
     c.origins.allowed = vec![base, format!("http://localhost:{}", addr.port())];
     c.origins.allow_missing = true;
-    c.commands
-        .insert("ui_version".into(), toml::Value::String(env!("CARGO_PKG_VERSION").into()));
+    c.commands.insert(
+        "ui_version".into(),
+        toml::Value::String(env!("CARGO_PKG_VERSION").into()),
+    );
     c
 }
 

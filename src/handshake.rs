@@ -62,9 +62,14 @@ pub async fn upgrade(
         .is_none_or(|v| v != "13")
     {
         app.metrics.handshakes.inc(&["bad_request"]);
-        let mut r = json_error(StatusCode::UPGRADE_REQUIRED, "websocket version 13 required");
-        r.headers_mut()
-            .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        let mut r = json_error(
+            StatusCode::UPGRADE_REQUIRED,
+            "websocket version 13 required",
+        );
+        r.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
         return r;
     }
     let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY).cloned() else {
@@ -73,12 +78,18 @@ pub async fn upgrade(
     };
     if app.is_draining() {
         app.metrics.handshakes.inc(&["draining"]);
-        return json_error(StatusCode::SERVICE_UNAVAILABLE, "server is draining; reconnect shortly");
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server is draining; reconnect shortly",
+        );
     }
 
     let cred = credential::extract(headers, &app.config.auth.token_cookie);
     let cookie_cred = matches!(cred, Some((_, Source::Cookie)));
-    match headers.get(header::ORIGIN).map(|o| o.to_str().unwrap_or("")) {
+    match headers
+        .get(header::ORIGIN)
+        .map(|o| o.to_str().unwrap_or(""))
+    {
         Some(origin) if !origin_allowed(&app, origin) => {
             app.metrics.handshakes.inc(&["bad_origin"]);
             return json_error(StatusCode::FORBIDDEN, "origin not allowed");

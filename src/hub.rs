@@ -58,13 +58,12 @@ impl Hub {
         tokio::spawn(async move {
             tokio::time::sleep(linger).await;
             let mut map = app.hub.lock();
-            if session.try_stop(generation) {
-                if map
+            if session.try_stop(generation)
+                && map
                     .get(&session.user.id)
                     .is_some_and(|s| Arc::ptr_eq(s, &session))
-                {
-                    map.remove(&session.user.id);
-                }
+            {
+                map.remove(&session.user.id);
             }
         });
     }

@@ -20,7 +20,11 @@ use tokio::time::Instant;
 use crate::context::LoopCtx;
 use crate::session::Session;
 
-pub(crate) fn spawn(session: Weak<Session>, function: LoopFunction, wake: Arc<Notify>) -> AbortHandle {
+pub(crate) fn spawn(
+    session: Weak<Session>,
+    function: LoopFunction,
+    wake: Arc<Notify>,
+) -> AbortHandle {
     tokio::spawn(run(session, function, wake)).abort_handle()
 }
 
@@ -42,7 +46,10 @@ async fn run(session: Weak<Session>, function: LoopFunction, wake: Arc<Notify>) 
         let elapsed = started.elapsed();
         let skipped = (elapsed.as_nanos() / interval.as_nanos().max(1)) as u64;
         if skipped > 0 {
-            s.app().metrics.loop_skipped_ticks.add(&[&name], skipped as f64);
+            s.app()
+                .metrics
+                .loop_skipped_ticks
+                .add(&[&name], skipped as f64);
         }
         let wait = if first {
             interval.mul_f64(rand::thread_rng().gen_range(0.5..1.5))

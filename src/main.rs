@@ -13,7 +13,11 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 #[derive(Parser)]
-#[command(name = "tabhub", version, about = "Backend-for-frontend websocket command server")]
+#[command(
+    name = "tabhub",
+    version,
+    about = "Backend-for-frontend websocket command server"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -60,8 +64,8 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve { config } => {
-                let config = Config::load(config.as_deref(), std::env::vars())
-                    .map_err(|e| e.to_string())?;
+                let config =
+                    Config::load(config.as_deref(), std::env::vars()).map_err(|e| e.to_string())?;
                 serve(config, axum::Router::new()).await
             }
             Command::Demo { listen } => run_demo(listen).await,
@@ -165,7 +169,10 @@ async fn connect(url: String, token: Option<String>, user: String) -> Result<(),
                 .to_owned()
         }
     };
-    let mut req = url.as_str().into_client_request().map_err(|e| e.to_string())?;
+    let mut req = url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| e.to_string())?;
     req.headers_mut().insert(
         "authorization",
         format!("Bearer {token}")

@@ -76,7 +76,9 @@ impl Family {
 }
 
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// Every metric of the process.
@@ -109,28 +111,129 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         };
         let counter = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
         };
-        gauge(&mut out, "tabhub_tabs", "Open websocket tabs.", self.tabs.get());
-        gauge(&mut out, "tabhub_users", "User sessions (one per user, lingering included).", self.sessions.get());
-        gauge(&mut out, "tabhub_lingering_sessions", "Sessions with no tab, waiting for a reload before stopping.", self.lingering_sessions.get());
-        gauge(&mut out, "tabhub_upstream_streams", "Open upstream SSE streams.", self.upstream_streams.get());
-        self.handshakes.render(&mut out, "tabhub_handshakes_total", "Websocket handshakes by outcome.", "counter", &["outcome"]);
-        self.closes.render(&mut out, "tabhub_closes_total", "Tabs closed, by close code.", "counter", &["code"]);
-        self.commands.render(&mut out, "tabhub_commands_total", "Commands by name and outcome.", "counter", &["command", "outcome"]);
-        self.loop_iterations.render(&mut out, "tabhub_loop_iterations_total", "Loop function iterations.", "counter", &["function"]);
-        self.loop_seconds.render(&mut out, "tabhub_loop_duration_seconds_total", "Time spent in loop function iterations.", "counter", &["function"]);
-        self.loop_skipped_ticks.render(&mut out, "tabhub_loop_skipped_ticks_total", "Ticks skipped because the previous iteration was still running.", "counter", &["function"]);
-        self.loop_errors.render(&mut out, "tabhub_loop_errors_total", "Loop function iterations that failed or timed out.", "counter", &["function"]);
-        self.backend_calls.render(&mut out, "tabhub_backend_calls_total", "Backend requests by backend and outcome.", "counter", &["backend", "outcome"]);
-        counter(&mut out, "tabhub_messages_queued_total", "Messages queued to tabs.", self.messages_queued.get());
-        counter(&mut out, "tabhub_messages_delivered_total", "Messages written to tabs' sockets.", self.messages_delivered.get());
-        counter(&mut out, "tabhub_messages_dropped_total", "Messages dropped because a tab's queue was full.", self.messages_dropped.get());
-        counter(&mut out, "tabhub_idle_drops_total", "Tabs dropped for not answering pings.", self.idle_drops.get());
-        let depth = self.messages_queued.get() as i64
-            - self.messages_delivered.get() as i64;
-        gauge(&mut out, "tabhub_outbound_queue_depth", "Messages queued to tabs and not yet written (all tabs).", depth.max(0));
-        self.token_refreshes.render(&mut out, "tabhub_token_refreshes_total", "Access-token refreshes by outcome.", "counter", &["outcome"]);
+        gauge(
+            &mut out,
+            "tabhub_tabs",
+            "Open websocket tabs.",
+            self.tabs.get(),
+        );
+        gauge(
+            &mut out,
+            "tabhub_users",
+            "User sessions (one per user, lingering included).",
+            self.sessions.get(),
+        );
+        gauge(
+            &mut out,
+            "tabhub_lingering_sessions",
+            "Sessions with no tab, waiting for a reload before stopping.",
+            self.lingering_sessions.get(),
+        );
+        gauge(
+            &mut out,
+            "tabhub_upstream_streams",
+            "Open upstream SSE streams.",
+            self.upstream_streams.get(),
+        );
+        self.handshakes.render(
+            &mut out,
+            "tabhub_handshakes_total",
+            "Websocket handshakes by outcome.",
+            "counter",
+            &["outcome"],
+        );
+        self.closes.render(
+            &mut out,
+            "tabhub_closes_total",
+            "Tabs closed, by close code.",
+            "counter",
+            &["code"],
+        );
+        self.commands.render(
+            &mut out,
+            "tabhub_commands_total",
+            "Commands by name and outcome.",
+            "counter",
+            &["command", "outcome"],
+        );
+        self.loop_iterations.render(
+            &mut out,
+            "tabhub_loop_iterations_total",
+            "Loop function iterations.",
+            "counter",
+            &["function"],
+        );
+        self.loop_seconds.render(
+            &mut out,
+            "tabhub_loop_duration_seconds_total",
+            "Time spent in loop function iterations.",
+            "counter",
+            &["function"],
+        );
+        self.loop_skipped_ticks.render(
+            &mut out,
+            "tabhub_loop_skipped_ticks_total",
+            "Ticks skipped because the previous iteration was still running.",
+            "counter",
+            &["function"],
+        );
+        self.loop_errors.render(
+            &mut out,
+            "tabhub_loop_errors_total",
+            "Loop function iterations that failed or timed out.",
+            "counter",
+            &["function"],
+        );
+        self.backend_calls.render(
+            &mut out,
+            "tabhub_backend_calls_total",
+            "Backend requests by backend and outcome.",
+            "counter",
+            &["backend", "outcome"],
+        );
+        counter(
+            &mut out,
+            "tabhub_messages_queued_total",
+            "Messages queued to tabs.",
+            self.messages_queued.get(),
+        );
+        counter(
+            &mut out,
+            "tabhub_messages_delivered_total",
+            "Messages written to tabs' sockets.",
+            self.messages_delivered.get(),
+        );
+        counter(
+            &mut out,
+            "tabhub_messages_dropped_total",
+            "Messages dropped because a tab's queue was full.",
+            self.messages_dropped.get(),
+        );
+        counter(
+            &mut out,
+            "tabhub_idle_drops_total",
+            "Tabs dropped for not answering pings.",
+            self.idle_drops.get(),
+        );
+        let depth = self.messages_queued.get() as i64 - self.messages_delivered.get() as i64;
+        gauge(
+            &mut out,
+            "tabhub_outbound_queue_depth",
+            "Messages queued to tabs and not yet written (all tabs).",
+            depth.max(0),
+        );
+        self.token_refreshes.render(
+            &mut out,
+            "tabhub_token_refreshes_total",
+            "Access-token refreshes by outcome.",
+            "counter",
+            &["outcome"],
+        );
         out
     }
 }

@@ -92,7 +92,10 @@ pub fn encode(kind: &str, data: &Value, id: Option<&Value>) -> Utf8Bytes {
 /// Encodes a server message with another scope (`topic`, `broadcast`).
 pub fn encode_scoped(scope: &str, kind: &str, data: &Value, id: Option<&Value>) -> Utf8Bytes {
     let mut m = Map::with_capacity(5);
-    m.insert("timestamp".into(), Value::String(timestamp(SystemTime::now())));
+    m.insert(
+        "timestamp".into(),
+        Value::String(timestamp(SystemTime::now())),
+    );
     m.insert("scope".into(), Value::String(scope.into()));
     m.insert("type".into(), Value::String(kind.into()));
     let data = match data {
@@ -156,14 +159,26 @@ mod tests {
 
     #[test]
     fn errors_say_what_is_wrong_and_keep_the_id() {
-        assert!(decode("{oops").unwrap_err().message.starts_with("malformed JSON"));
+        assert!(decode("{oops")
+            .unwrap_err()
+            .message
+            .starts_with("malformed JSON"));
         assert!(decode("[1]").unwrap_err().message.contains("JSON object"));
         let e = decode(r#"{"data":{},"id":"a"}"#).unwrap_err();
         assert!(e.message.contains("missing 'type'"));
         assert_eq!(e.id, Some(Value::from("a")));
-        assert!(decode(r#"{"type":"x","data":[1]}"#).unwrap_err().message.contains("'data'"));
-        assert!(decode(r#"{"type":3}"#).unwrap_err().message.contains("'type'"));
-        assert!(decode(r#"{"type":"x","id":{}}"#).unwrap_err().message.contains("'id'"));
+        assert!(decode(r#"{"type":"x","data":[1]}"#)
+            .unwrap_err()
+            .message
+            .contains("'data'"));
+        assert!(decode(r#"{"type":3}"#)
+            .unwrap_err()
+            .message
+            .contains("'type'"));
+        assert!(decode(r#"{"type":"x","id":{}}"#)
+            .unwrap_err()
+            .message
+            .contains("'id'"));
     }
 
     #[test]
@@ -178,7 +193,7 @@ mod tests {
     fn timestamps() {
         assert_eq!(timestamp(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
         let t = UNIX_EPOCH + Duration::from_millis(1_795_000_000_123);
-        assert_eq!(timestamp(t), "2026-11-18T08:26:40.123Z");
+        assert_eq!(timestamp(t), "2026-11-18T11:06:40.123Z");
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400);
         assert_eq!(timestamp(leap), "2000-02-29T00:00:00.000Z");
     }

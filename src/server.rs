@@ -107,7 +107,9 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
     };
     (
         status,
-        axum::Json(json!({"ready": status == StatusCode::OK, "status": reason, "instance": app.instance})),
+        axum::Json(
+            json!({"ready": status == StatusCode::OK, "status": reason, "instance": app.instance}),
+        ),
     )
         .into_response()
 }

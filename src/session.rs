@@ -229,7 +229,6 @@ impl Session {
             .cloned()
     }
 
-
     // ---- loops ----
 
     /// Registers a loop function; false when one of that name exists or the session stopped.

@@ -218,7 +218,11 @@ where
             sink.feed(Message::Text(msg)).await?;
             tab.metrics.messages_delivered.inc();
             n += 1;
-            next = if n < 64 { outbox.queue.try_recv().ok() } else { None };
+            next = if n < 64 {
+                outbox.queue.try_recv().ok()
+            } else {
+                None
+            };
         }
         sink.flush().await
     };

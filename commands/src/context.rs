@@ -128,5 +128,8 @@ pub trait LoopContext: Send + Sync {
     ) -> BoxFuture<'a, Result<BackendResponse, BackendError>>;
     /// `GET url` without credentials, cached for the long interval and shared by all users: concurrent misses
     /// share one request. For public documents such as the deployed UI version.
-    fn shared_get<'a>(&'a self, url: &'a str) -> BoxFuture<'a, Result<BackendResponse, BackendError>>;
+    fn shared_get<'a>(
+        &'a self,
+        url: &'a str,
+    ) -> BoxFuture<'a, Result<BackendResponse, BackendError>>;
 }

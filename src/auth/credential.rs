@@ -74,10 +74,16 @@ mod tests {
     #[test]
     fn order_and_forms() {
         let mut h = HeaderMap::new();
-        h.insert("sec-websocket-protocol", HeaderValue::from_static("tabhub, tabhub.bearer.abc"));
+        h.insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_static("tabhub, tabhub.bearer.abc"),
+        );
         assert_eq!(extract(&h, ""), Some(("abc".into(), Source::Subprotocol)));
         h.insert("cookie", HeaderValue::from_static("x=1; at=cookietok"));
-        assert_eq!(extract(&h, "at"), Some(("cookietok".into(), Source::Cookie)));
+        assert_eq!(
+            extract(&h, "at"),
+            Some(("cookietok".into(), Source::Cookie))
+        );
         assert_eq!(extract(&h, ""), Some(("abc".into(), Source::Subprotocol)));
         h.insert("authorization", HeaderValue::from_static("Bearer hdr"));
         assert_eq!(extract(&h, "at"), Some(("hdr".into(), Source::Header)));

@@ -181,7 +181,8 @@ impl Realm {
 
     async fn fetch_keys(&self, url: &str) -> Result<HashMap<String, Key>, RealmError> {
         let doc: Value = self.get_json(url).await?;
-        let set: JwkSet = serde_json::from_value(doc).map_err(|e| RealmError::Jwks(e.to_string()))?;
+        let set: JwkSet =
+            serde_json::from_value(doc).map_err(|e| RealmError::Jwks(e.to_string()))?;
         let mut keys = HashMap::new();
         for jwk in &set.keys {
             let kind = match &jwk.algorithm {
@@ -236,6 +237,8 @@ impl Realm {
         if !resp.status().is_success() {
             return Err(err(format!("status {}", resp.status())));
         }
-        resp.json().await.map_err(|e| err(e.without_url().to_string()))
+        resp.json()
+            .await
+            .map_err(|e| err(e.without_url().to_string()))
     }
 }

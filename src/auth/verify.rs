@@ -72,8 +72,8 @@ impl OneOrMany {
 impl Realm {
     /// Verifies an access token.
     pub async fn verify(&self, token: &str) -> Result<Verified, AuthError> {
-        let header =
-            jsonwebtoken::decode_header(token).map_err(|_| AuthError::Invalid("malformed token"))?;
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| AuthError::Invalid("malformed token"))?;
         let accepted: Vec<Algorithm> = self
             .config()
             .algorithms
@@ -97,34 +97,43 @@ impl Realm {
         validation.validate_nbf = true;
         validation.validate_aud = false;
         validation.aud = None::<HashSet<String>>;
-        let data = jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation).map_err(|e| {
-            use jsonwebtoken::errors::ErrorKind as K;
-            match e.kind() {
-                K::ExpiredSignature => AuthError::Expired,
-                K::InvalidSignature => AuthError::Invalid("bad signature"),
-                K::InvalidIssuer => AuthError::Invalid("wrong issuer"),
-                K::ImmatureSignature => AuthError::Invalid("token not valid yet (nbf)"),
-                K::MissingRequiredClaim(_) => AuthError::Invalid("missing exp, iss or sub claim"),
-                K::InvalidAlgorithm => AuthError::Invalid("algorithm does not match the key"),
-                _ => AuthError::Invalid("malformed token"),
-            }
-        })?;
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation).map_err(|e| {
+                use jsonwebtoken::errors::ErrorKind as K;
+                match e.kind() {
+                    K::ExpiredSignature => AuthError::Expired,
+                    K::InvalidSignature => AuthError::Invalid("bad signature"),
+                    K::InvalidIssuer => AuthError::Invalid("wrong issuer"),
+                    K::ImmatureSignature => AuthError::Invalid("token not valid yet (nbf)"),
+                    K::MissingRequiredClaim(_) => {
+                        AuthError::Invalid("missing exp, iss or sub claim")
+                    }
+                    K::InvalidAlgorithm => AuthError::Invalid("algorithm does not match the key"),
+                    _ => AuthError::Invalid("malformed token"),
+                }
+            })?;
         let claims = data.claims;
         if self.config().require_typ_bearer && claims.typ.as_deref() != Some("Bearer") {
-            return Err(AuthError::Invalid("not an access token (typ must be Bearer)"));
+            return Err(AuthError::Invalid(
+                "not an access token (typ must be Bearer)",
+            ));
         }
         let clients = &self.config().client_ids;
         let azp_ok = claims.azp.as_ref().is_some_and(|a| clients.contains(a));
         let aud_ok = claims.aud.as_ref().is_some_and(|a| a.contains_any(clients));
         if !azp_ok && !aud_ok {
-            return Err(AuthError::Invalid("token issued for another client (azp/aud)"));
+            return Err(AuthError::Invalid(
+                "token issued for another client (azp/aud)",
+            ));
         }
         if claims.sub.is_empty() {
             return Err(AuthError::Invalid("empty sub"));
         }
         Ok(Verified {
             user: User {
-                name: claims.preferred_username.unwrap_or_else(|| claims.sub.clone()),
+                name: claims
+                    .preferred_username
+                    .unwrap_or_else(|| claims.sub.clone()),
                 id: claims.sub,
             },
             exp: claims.exp,

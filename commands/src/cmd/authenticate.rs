@@ -21,7 +21,11 @@ impl Command for Authenticate {
     const REQUIRED: &'static [&'static str] = &["token"];
     type Params = Params;
 
-    fn handle<'a>(&'a self, p: Params, ctx: &'a dyn Context) -> BoxFuture<'a, Result<(), CommandError>> {
+    fn handle<'a>(
+        &'a self,
+        p: Params,
+        ctx: &'a dyn Context,
+    ) -> BoxFuture<'a, Result<(), CommandError>> {
         Box::pin(async move {
             let data = ctx.authenticate(&p.token).await?;
             ctx.reply("authenticated", data);

@@ -47,7 +47,11 @@ impl Command for Init {
     const REQUIRED: &'static [&'static str] = &["requestServerVersion"];
     type Params = Params;
 
-    fn handle<'a>(&'a self, p: Params, ctx: &'a dyn Context) -> BoxFuture<'a, Result<(), CommandError>> {
+    fn handle<'a>(
+        &'a self,
+        p: Params,
+        ctx: &'a dyn Context,
+    ) -> BoxFuture<'a, Result<(), CommandError>> {
         Box::pin(async move {
             if !p.request_server_version {
                 ctx.reply(
@@ -88,7 +92,10 @@ async fn version_loop(ctx: Arc<dyn LoopContext>) -> Result<Vec<Notification>, Lo
         return Ok(vec![]);
     };
     if ctx.session_data().get::<Known>().changed_to(&version) {
-        Ok(vec![Notification::new("version", json!({ "version": version }))])
+        Ok(vec![Notification::new(
+            "version",
+            json!({ "version": version }),
+        )])
     } else {
         Ok(vec![])
     }
@@ -105,7 +112,10 @@ async fn current_version(ctx: &(impl LoopContext + ?Sized)) -> Result<Option<Str
     };
     let resp = ctx.shared_get(url).await?;
     if resp.status != 200 {
-        return Err(LoopError(format!("version endpoint answered {}", resp.status)));
+        return Err(LoopError(format!(
+            "version endpoint answered {}",
+            resp.status
+        )));
     }
     match &resp.body {
         Value::Object(o) => match o.get("version") {

@@ -18,7 +18,11 @@ impl Command for Ping {
     const REQUIRED: &'static [&'static str] = &[];
     type Params = Params;
 
-    fn handle<'a>(&'a self, _: Params, ctx: &'a dyn Context) -> BoxFuture<'a, Result<(), CommandError>> {
+    fn handle<'a>(
+        &'a self,
+        _: Params,
+        ctx: &'a dyn Context,
+    ) -> BoxFuture<'a, Result<(), CommandError>> {
         Box::pin(async move {
             ctx.reply("ack", json!({"message": "ping"}));
             Ok(())
