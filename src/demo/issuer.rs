@@ -1,5 +1,5 @@
-//! `tabhub demo`: everything on one listener, nothing else to run. FOR DEVELOPMENT ONLY: the issuer's signing keys
-//! are public fixtures and its passwords are the user names.
+//! The development issuer. FOR DEVELOPMENT ONLY: its signing keys are public fixtures and its passwords are the
+//! user names.
 //!
 //! The development issuer is shaped like a Keycloak realm at `/realms/demo`: discovery, JWKS, and a token endpoint
 //! accepting `grant_type=password` for `alice`/`alice` and `bob`/`bob` with `client_id=tabhub-demo`.
@@ -17,7 +17,6 @@ use jsonwebtoken::{EncodingKey, Header};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::config::Config;
 
 /// The demo realm's client id.
 pub const CLIENT_ID: &str = "tabhub-demo";
@@ -27,9 +26,9 @@ pub const USERS: &[(&str, &str)] = &[
     ("bob", "5f1d2e3a-0000-4000-8000-000000000b0b"),
 ];
 
-const SIGNING_KEY: &str = include_str!("../fixtures/keys/rs256-a.pem");
+const SIGNING_KEY: &str = include_str!("../../fixtures/keys/rs256-a.pem");
 const SIGNING_KID: &str = "fixture-rs256-a";
-const JWKS: &str = include_str!("../fixtures/keys/jwks.json");
+const JWKS: &str = include_str!("../../fixtures/keys/jwks.json");
 
 /// Access tokens' lifetime (Keycloak's default is 5 minutes).
 const TOKEN_LIFETIME_SECS: u64 = 300;
@@ -168,35 +167,3 @@ async fn token(State(i): State<Arc<DevIssuer>>, Form(f): Form<TokenForm>) -> Res
     }
 }
 
-/// The demo configuration for a listener at `addr`: the embedded issuer, its own origin allowed, clients without
-/// an `Origin` header (command-line tools) allowed.
-pub fn config(addr: SocketAddr) -> Config {
-    let host = if addr.ip().is_unspecified() {
-        SocketAddr::from(([127, 0, 0, 1], addr.port()))
-    } else {
-        addr
-    };
-    let base = format!("http://{host}");
-    let mut c = Config {
-        listen: addr,
-        ..Config::default()
-    };
-    c.auth.issuer = format!("{base}/realms/demo");
-    c.auth.client_ids = vec![CLIENT_ID.into()];
-    c.origins.allowed = vec![base, format!("http://localhost:{}", addr.port())];
-    c.origins.allow_missing = true;
-    c.commands.insert(
-        "ui_version".into(),
-        toml::Value::String(env!("CARGO_PKG_VERSION").into()),
-    );
-    c
-}
-
-/// The base URL clients use for a listener at `addr`.
-pub fn base_url(addr: SocketAddr) -> String {
-    if addr.ip().is_unspecified() {
-        format!("http://127.0.0.1:{}", addr.port())
-    } else {
-        format!("http://{addr}")
-    }
-}

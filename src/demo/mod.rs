@@ -1,0 +1,46 @@
+//! `tabhub demo`: everything on one listener, nothing else to run. FOR DEVELOPMENT ONLY.
+//!
+//! - [`issuer`]: a development issuer shaped like a Keycloak realm at `/realms/demo`;
+//!
+//! The same fixture servers serve the integration tests.
+
+pub mod issuer;
+
+use std::net::SocketAddr;
+
+pub use issuer::{DevIssuer, CLIENT_ID, USERS};
+
+use crate::config::Config;
+
+/// The demo configuration for a listener at `addr`: the embedded issuer, its own origin allowed, clients without
+/// an `Origin` header (command-line tools) allowed.
+pub fn config(addr: SocketAddr) -> Config {
+    let host = if addr.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    };
+    let base = format!("http://{host}");
+    let mut c = Config {
+        listen: addr,
+        ..Config::default()
+    };
+    c.auth.issuer = format!("{base}/realms/demo");
+    c.auth.client_ids = vec![CLIENT_ID.into()];
+    c.origins.allowed = vec![base, format!("http://localhost:{}", addr.port())];
+    c.origins.allow_missing = true;
+    c.commands.insert(
+        "ui_version".into(),
+        toml::Value::String(env!("CARGO_PKG_VERSION").into()),
+    );
+    c
+}
+
+/// The base URL clients use for a listener at `addr`.
+pub fn base_url(addr: SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        format!("http://127.0.0.1:{}", addr.port())
+    } else {
+        format!("http://{addr}")
+    }
+}
