@@ -4,7 +4,6 @@
 //! The development issuer is shaped like a Keycloak realm at `/realms/demo`: discovery, JWKS, and a token endpoint
 //! accepting `grant_type=password` for `alice`/`alice` and `bob`/`bob` with `client_id=tabhub-demo`.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
