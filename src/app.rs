@@ -18,6 +18,8 @@ pub struct App {
     pub realm: Arc<Realm>,
     pub hub: Hub,
     pub backends: Backends,
+    /// The HTTP client of upstream SSE streams (see [`crate::upstream`]).
+    pub upstream: reqwest::Client,
     /// The `[commands]` table as JSON, handed to commands.
     pub settings: Map<String, Value>,
     /// Shown in `init`; distinguishes instances behind a load balancer.
@@ -45,6 +47,7 @@ impl App {
         Arc::new(App {
             realm: Realm::new(config.auth.clone()),
             backends: Backends::new(&config, metrics.clone()),
+            upstream: crate::upstream::client(&config.gitlab),
             hub: Hub::default(),
             registry,
             settings,

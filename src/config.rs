@@ -28,6 +28,7 @@ pub struct Config {
     pub session: SessionConfig,
     pub backend: BackendConfig,
     pub limits: LimitsConfig,
+    pub gitlab: GitlabConfig,
     /// Backends the loop functions call as the user: name -> base URL (for example `gateway`).
     pub backends: BTreeMap<String, String>,
     /// Settings for commands (the `[commands]` table is handed to them as JSON), e.g. `ui_version`.
@@ -111,6 +112,45 @@ pub struct SessionConfig {
     pub loop_timeout_ms: u64,
 }
 
+/// Upstream GitLab SSE subscriptions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GitlabConfig {
+    /// GitLab's base URL, e.g. `https://gitlab.example`. Empty: `subscribe` is refused.
+    pub url: String,
+    /// Path of a project's event stream. `{project}` is the project id as the topic names it, `{eventTypes}` the
+    /// comma-separated event types wanted (sorted).
+    pub stream_path: String,
+    /// A stream that sends nothing at all (not even a comment) for this long is dead and is reconnected.
+    pub stall_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    /// Reconnection backoff (full jitter) after a dropped stream, a network error or a 5xx.
+    pub reconnect_initial_ms: u64,
+    pub reconnect_max_ms: u64,
+    /// Events kept per stream, so that a tab joining an open stream with a recent `lastEventId` gets what it
+    /// missed without reconnecting upstream.
+    pub replay_buffer_events: usize,
+    /// Topics one tab may hold, and projects (upstream streams) one user may have open.
+    pub max_topics_per_tab: usize,
+    pub max_projects_per_user: usize,
+}
+
+impl Default for GitlabConfig {
+    fn default() -> Self {
+        GitlabConfig {
+            url: String::new(),
+            stream_path: "/api/v4/projects/{project}/events/stream?event_types={eventTypes}".into(),
+            stall_timeout_ms: 45_000,
+            connect_timeout_ms: 5_000,
+            reconnect_initial_ms: 500,
+            reconnect_max_ms: 30_000,
+            replay_buffer_events: 256,
+            max_topics_per_tab: 100,
+            max_projects_per_user: 20,
+        }
+    }
+}
+
 /// Bounds on what clients can grow. 0 means unlimited where noted.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -155,6 +195,7 @@ impl Default for Config {
             session: SessionConfig::default(),
             backend: BackendConfig::default(),
             limits: LimitsConfig::default(),
+            gitlab: GitlabConfig::default(),
             backends: BTreeMap::new(),
             commands: toml::Table::new(),
         }
@@ -381,6 +422,32 @@ impl Config {
                 "backend.timeout_ms",
                 "must be shorter than session.short_interval_ms",
             ));
+        }
+        let g = &self.gitlab;
+        if !g.url.is_empty() {
+            url::Url::parse(&g.url)
+                .map_err(|e| key_error("gitlab.url", format!("not a URL: {e}")))?;
+        }
+        if !g.stream_path.starts_with('/') || !g.stream_path.contains("{project}") {
+            return Err(key_error(
+                "gitlab.stream_path",
+                "must start with / and contain {project}",
+            ));
+        }
+        for (key, v) in [
+            ("gitlab.stall_timeout_ms", g.stall_timeout_ms),
+            ("gitlab.connect_timeout_ms", g.connect_timeout_ms),
+            ("gitlab.reconnect_initial_ms", g.reconnect_initial_ms),
+            ("gitlab.replay_buffer_events", g.replay_buffer_events as u64),
+            ("gitlab.max_topics_per_tab", g.max_topics_per_tab as u64),
+            (
+                "gitlab.max_projects_per_user",
+                g.max_projects_per_user as u64,
+            ),
+        ] {
+            if v == 0 {
+                return Err(key_error(key, "must be greater than 0"));
+            }
         }
         for (name, base) in &self.backends {
             url::Url::parse(base)

@@ -11,6 +11,7 @@
 //! - [`handshake`]: upgrade, origin and credential checks; [`auth`]: realm discovery, keys, token verification;
 //! - [`connection`]: a tab's read loop; [`tab`]: its bounded outbound queue and writer;
 //! - [`hub`]: user -> session; [`session`]: tabs, token, loops and snapshots of one user; [`loops`]: the runner;
+//! - [`subscriptions`]: a user's topics and upstream streams (bookkeeping); [`upstream`]: GitLab SSE connections;
 //! - [`backends`]: calls to backends as the user, with backoff; [`protocol`]: the envelope; [`close_codes`];
 //! - [`metrics`]: Prometheus text; [`demo`]: the embedded development issuer for `tabhub demo`.
 
@@ -30,7 +31,9 @@ pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod session;
+pub mod subscriptions;
 pub mod tab;
+pub mod upstream;
 
 pub use config::Config;
 pub use server::{start, Running};

@@ -18,7 +18,9 @@ use crate::app::App;
 use crate::auth::Verified;
 use crate::close_codes::{self, CloseCode};
 use crate::protocol;
+use crate::subscriptions::{Action, Limits, SubscribeError, Subscriptions};
 use crate::tab::Tab;
+use tabhub_commands::Topic;
 
 /// One registered loop function.
 struct LoopSlot {
@@ -40,6 +42,7 @@ struct Inner {
     loops: BTreeMap<String, LoopSlot>,
     /// Tasks that die with the session (token expiry watcher...).
     tasks: Vec<AbortHandle>,
+    subs: Subscriptions,
 }
 
 /// Why a tab could not join.
@@ -79,6 +82,7 @@ impl Session {
                 stopped: false,
                 loops: BTreeMap::new(),
                 tasks: Vec::new(),
+                subs: Subscriptions::default(),
             }),
             token: watch::Sender::new(None),
         });
@@ -130,9 +134,11 @@ impl Session {
         Ok(())
     }
 
-    /// Removes a tab. Returns the generation to linger on when it was the last.
+    /// Removes a tab and releases its topics. Returns the generation to linger on when it was the last.
     pub(crate) fn detach(&self, tab_id: u64) -> Option<u64> {
         let mut inner = self.lock();
+        // Stop actions only: the streams' tasks were aborted by the bookkeeping itself.
+        let _ = inner.subs.release_tab(tab_id);
         let before = inner.tabs.len();
         inner.tabs.retain(|t| t.id != tab_id);
         if before != inner.tabs.len() && inner.tabs.is_empty() && !inner.stopped {
@@ -180,6 +186,7 @@ impl Session {
         for t in inner.tasks.drain(..) {
             t.abort();
         }
+        inner.subs.stop_all();
         self.app.metrics.sessions.dec();
         tracing::debug!(user = %self.user.id, "session stopped");
     }
@@ -218,6 +225,11 @@ impl Session {
             }
             newer
         });
+    }
+
+    /// A receiver that sees every change of the session's token.
+    pub fn token_changes(&self) -> watch::Receiver<Option<Verified>> {
+        self.token.subscribe()
     }
 
     /// The newest token, if it has not expired.
@@ -338,6 +350,212 @@ impl Session {
                 }
             }
         }
+    }
+}
+
+impl Session {
+    // ---- subscriptions ----
+
+    fn sub_limits(&self) -> Limits {
+        let g = &self.app.config.gitlab;
+        Limits {
+            topics_per_tab: g.max_topics_per_tab,
+            projects_per_user: g.max_projects_per_user,
+            buffer: g.replay_buffer_events,
+        }
+    }
+
+    /// Subscribes `tab` to `topic`, resuming after `last_event_id` when given. Events the tab missed that are still
+    /// in the replay buffer are queued to it before any live event (both under the session's lock).
+    pub fn subscribe(
+        self: &Arc<Self>,
+        tab: &Tab,
+        topic: &Topic,
+        last_event_id: Option<&str>,
+    ) -> Result<bool, SubscribeError> {
+        let limits = self.sub_limits();
+        let mut inner = self.lock();
+        if inner.stopped {
+            return Ok(false);
+        }
+        let (added, replay, action) = inner.subs.subscribe(tab.id, topic, last_event_id, limits)?;
+        for msg in replay {
+            tab.send(msg);
+        }
+        if let Some(a) = action {
+            self.apply(&mut inner, a);
+        }
+        Ok(added)
+    }
+
+    /// Releases `tab`'s hold on `topic`; the last release closes the project's stream.
+    pub fn unsubscribe(&self, tab: &Tab, topic: &Topic) -> bool {
+        let mut inner = self.lock();
+        inner.subs.unsubscribe(tab.id, topic).0
+    }
+
+    /// The topics a tab holds.
+    pub fn topics_of(&self, tab: &Tab) -> Vec<Topic> {
+        self.lock().subs.topics_of(tab.id)
+    }
+
+    /// Projects with an upstream stream (for tests and metrics).
+    pub fn streamed_projects(&self) -> Vec<String> {
+        self.lock().subs.projects().map(str::to_owned).collect()
+    }
+
+    /// Reopens every upstream stream with the newest token, resuming after the last event (after a refresh).
+    pub fn rebuild_streams(self: &Arc<Self>) {
+        let mut inner = self.lock();
+        for a in inner.subs.restart_all() {
+            self.apply(&mut inner, a);
+        }
+    }
+
+    fn apply(self: &Arc<Self>, inner: &mut Inner, action: Action) {
+        if let Action::Start {
+            project,
+            filter,
+            generation,
+            ..
+        } = action
+        {
+            let task = tokio::spawn(crate::upstream::run(
+                Arc::downgrade(self),
+                project.clone(),
+                filter,
+                generation,
+            ))
+            .abort_handle();
+            if let Some(s) = inner.subs.stream_mut(&project) {
+                s.task = Some(task);
+            }
+        }
+    }
+
+    pub(crate) fn stream_resume_id(&self, project: &str) -> Option<String> {
+        self.lock().subs.resume_id(project)
+    }
+
+    pub(crate) fn upstream_event(
+        &self,
+        project: &str,
+        generation: u64,
+        id: &str,
+        event_type: &str,
+        data: &str,
+    ) {
+        let cap = self.app.config.gitlab.replay_buffer_events;
+        let mut inner = self.lock();
+        let Inner { tabs, subs, .. } = &mut *inner;
+        let delivery = subs.on_event(project, generation, id, event_type, cap, || {
+            let payload = serde_json::from_str::<Value>(data)
+                .unwrap_or_else(|_| Value::String(data.to_owned()));
+            protocol::encode_scoped(
+                "topic",
+                "event",
+                &json!({
+                    "topic": format!("/project/{project}/{event_type}"),
+                    "eventType": event_type,
+                    "id": id,
+                    "payload": payload,
+                }),
+                None,
+            )
+        });
+        if let Some(d) = delivery {
+            for t in tabs.iter().filter(|t| d.tabs.contains(&t.id)) {
+                t.send(d.msg.clone());
+            }
+        }
+    }
+
+    /// Sends `kind {topic, ...data}` to every tab holding a topic of `project`.
+    fn tell_holders(inner: &Inner, holders: &[(u64, Topic)], kind: &str, data: &Value) {
+        for (tab_id, topic) in holders {
+            let mut d = data.clone();
+            d["topic"] = Value::String(topic.to_string());
+            if let Some(t) = inner.tabs.iter().find(|t| t.id == *tab_id) {
+                t.send(protocol::encode_scoped("topic", kind, &d, None));
+            }
+        }
+    }
+
+    pub(crate) fn upstream_open(&self, project: &str, generation: u64) {
+        let mut inner = self.lock();
+        if !inner.subs.is_current(project, generation) {
+            return;
+        }
+        let was_degraded = inner
+            .subs
+            .stream_mut(project)
+            .map(|s| std::mem::replace(&mut s.degraded, false))
+            .unwrap_or(false);
+        if was_degraded {
+            let holders = inner.subs.holders(project);
+            Self::tell_holders(
+                &inner,
+                &holders,
+                "subscriptionStatus",
+                &json!({"status": "recovered"}),
+            );
+        }
+    }
+
+    pub(crate) fn upstream_degraded(&self, project: &str, generation: u64, why: &str) {
+        let mut inner = self.lock();
+        if !inner.subs.is_current(project, generation) {
+            return;
+        }
+        let newly = inner
+            .subs
+            .stream_mut(project)
+            .map(|s| !std::mem::replace(&mut s.degraded, true))
+            .unwrap_or(false);
+        if newly {
+            tracing::info!(user = %self.user.id, project, reason = why, "upstream stream degraded");
+            let holders = inner.subs.holders(project);
+            Self::tell_holders(
+                &inner,
+                &holders,
+                "subscriptionStatus",
+                &json!({"status": "degraded", "message": why}),
+            );
+        }
+    }
+
+    pub(crate) fn upstream_unauthorized(&self, project: &str, generation: u64) {
+        let inner = self.lock();
+        if !inner.subs.is_current(project, generation) {
+            return;
+        }
+        let holders = inner.subs.holders(project);
+        Self::tell_holders(
+            &inner,
+            &holders,
+            "subscriptionError",
+            &json!({"status": 401, "message": "GitLab refused the user's token; waiting for a new one"}),
+        );
+    }
+
+    pub(crate) fn upstream_refused(
+        &self,
+        project: &str,
+        generation: u64,
+        status: u16,
+        message: &str,
+    ) {
+        let mut inner = self.lock();
+        if !inner.subs.is_current(project, generation) {
+            return;
+        }
+        let holders = inner.subs.drop_project(project);
+        Self::tell_holders(
+            &inner,
+            &holders,
+            "subscriptionError",
+            &json!({"status": status, "message": format!("{message}; subscription dropped")}),
+        );
     }
 }
 

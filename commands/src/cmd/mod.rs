@@ -4,6 +4,9 @@
 pub mod authenticate;
 pub mod init;
 pub mod ping;
+pub mod set_subscriptions;
+pub mod subscribe;
+pub mod unsubscribe;
 
 use crate::registry::Registry;
 
@@ -12,4 +15,7 @@ pub fn register_builtin(r: &mut Registry) {
     r.register(init::Init);
     r.register(ping::Ping);
     r.register(authenticate::Authenticate);
+    r.register(subscribe::Subscribe);
+    r.register(unsubscribe::Unsubscribe);
+    r.register(set_subscriptions::SetSubscriptions);
 }

@@ -1,0 +1,72 @@
+//! `setSubscriptions {topics: [...]}`: replaces the tab's whole set of topics in one step (AWX's semantics, handy
+//! when a single-page app navigates). Every topic is checked first: one malformed topic refuses the whole command
+//! and changes nothing. Replies `subscriptions {added, removed, topics, failed}`; `failed` lists the topics that
+//! could not be added (a limit, say) with the reason.
+
+use std::collections::BTreeSet;
+
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::command::{BoxFuture, Command, CommandError};
+use crate::context::Context;
+use crate::topic::Topic;
+
+pub struct SetSubscriptions;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Params {
+    topics: Vec<String>,
+}
+
+impl Command for SetSubscriptions {
+    const NAME: &'static str = "setSubscriptions";
+    const DOC: &'static str = "Replaces the tab's topics; replies the topics added and removed.";
+    const REQUIRED: &'static [&'static str] = &["topics"];
+    type Params = Params;
+
+    fn handle<'a>(
+        &'a self,
+        p: Params,
+        ctx: &'a dyn Context,
+    ) -> BoxFuture<'a, Result<(), CommandError>> {
+        Box::pin(async move {
+            let mut wanted = BTreeSet::new();
+            let mut bad = Vec::new();
+            for t in &p.topics {
+                match Topic::parse(t) {
+                    Ok(topic) => {
+                        wanted.insert(topic);
+                    }
+                    Err(e) => bad.push(e),
+                }
+            }
+            if !bad.is_empty() {
+                return Err(CommandError::BadParams(bad.join("; ")));
+            }
+            let current: BTreeSet<Topic> = ctx.subscriptions().into_iter().collect();
+            let mut removed = Vec::new();
+            for t in current.difference(&wanted) {
+                if ctx.unsubscribe(t) {
+                    removed.push(t.to_string());
+                }
+            }
+            let mut added = Vec::new();
+            let mut failed = Vec::new();
+            for t in wanted.difference(&current) {
+                match ctx.subscribe(t, None) {
+                    Ok(true) => added.push(t.to_string()),
+                    Ok(false) => {}
+                    Err(e) => failed.push(json!({"topic": t.to_string(), "message": e.message()})),
+                }
+            }
+            let topics: Vec<String> = ctx.subscriptions().iter().map(Topic::to_string).collect();
+            ctx.reply(
+                "subscriptions",
+                json!({"added": added, "removed": removed, "topics": topics, "failed": failed}),
+            );
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,46 @@
+//! `subscribe {topic, lastEventId?}`: the tab receives the events of `topic` (`/project/<id>/<eventType>`) as
+//! `event {topic, eventType, id, payload}`. With `lastEventId`, it first receives what it missed after that event
+//! (from the session's replay buffer, or from GitLab), so a tab that reconnects, even to another instance, misses
+//! nothing. Replies `subscribed {topic, added}` (`added` is false when the tab already held the topic).
+
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::command::{BoxFuture, Command, CommandError};
+use crate::context::Context;
+use crate::topic::Topic;
+
+pub struct Subscribe;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Params {
+    topic: String,
+    #[serde(default)]
+    last_event_id: Option<String>,
+}
+
+impl Command for Subscribe {
+    const NAME: &'static str = "subscribe";
+    const DOC: &'static str =
+        "Receives the topic's events (event {topic, eventType, id, payload}); lastEventId resumes after that event.";
+    const REQUIRED: &'static [&'static str] = &["topic"];
+    const OPTIONAL: &'static [&'static str] = &["lastEventId"];
+    type Params = Params;
+
+    fn handle<'a>(
+        &'a self,
+        p: Params,
+        ctx: &'a dyn Context,
+    ) -> BoxFuture<'a, Result<(), CommandError>> {
+        Box::pin(async move {
+            let topic = Topic::parse(&p.topic).map_err(CommandError::BadParams)?;
+            let added = ctx.subscribe(&topic, p.last_event_id.as_deref())?;
+            ctx.reply(
+                "subscribed",
+                json!({"topic": topic.to_string(), "added": added}),
+            );
+            Ok(())
+        })
+    }
+}

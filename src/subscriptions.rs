@@ -1,0 +1,611 @@
+//! A user's subscriptions: which tab holds which topic, and one upstream stream per project whatever the number of
+//! tabs and topics on it. Pure bookkeeping, kept under the session's lock; it returns [`Action`]s (start or stop a
+//! stream connection) for the session to carry out, so that every rule here is testable without a network.
+//!
+//! Rules:
+//! - a stream's event-type filter is a superset of what the tabs want. A new type reopens the connection with the
+//!   union, resuming after the last event received (`Last-Event-ID`), so nothing is lost or repeated; a type nobody
+//!   wants any more is filtered locally until the next reconnection (no reconnect churn when tabs navigate);
+//! - each event reaches each tab holding its topic exactly once: ids already delivered (still in the replay buffer)
+//!   are dropped if the upstream repeats them;
+//! - a tab subscribing with a `lastEventId` still in the replay buffer gets what it missed from the buffer, atomically
+//!   with its registration (no upstream reconnect). An older id (or a type the stream did not carry) reopens the
+//!   stream from that id in *catch-up* mode: replayed events up to the last one already delivered go only to the
+//!   tabs catching up, then delivery is normal again.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use tabhub_commands::Topic;
+use tokio::task::AbortHandle;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+/// Something the session must do on the network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// (Re)open the project's stream with `filter`, sending `Last-Event-ID: from`. Any previous connection of the
+    /// project must be stopped; events from older generations are ignored.
+    Start {
+        project: String,
+        filter: BTreeSet<String>,
+        from: Option<String>,
+        generation: u64,
+    },
+    /// Close the project's stream.
+    Stop { project: String },
+}
+
+/// Why a subscription was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubscribeError {
+    #[error("topic limit reached: at most {0} topics per tab")]
+    TooManyTopics(usize),
+    #[error("project limit reached: at most {0} projects per user")]
+    TooManyProjects(usize),
+}
+
+struct Buffered {
+    id: String,
+    event_type: String,
+    msg: Utf8Bytes,
+}
+
+struct CatchUp {
+    /// The last id delivered before catch-up began; catch-up ends when it comes by again.
+    until: String,
+    /// (tab, topic) pairs that receive the replayed events.
+    pairs: Vec<(u64, Topic)>,
+}
+
+/// One project's upstream stream.
+pub struct Stream {
+    filter: BTreeSet<String>,
+    generation: u64,
+    /// The last event id received on the stream: where a reconnection resumes.
+    resume_id: Option<String>,
+    /// The last event id delivered to every subscribed tab: what catch-up waits for.
+    delivered_id: Option<String>,
+    buffer: VecDeque<Buffered>,
+    catch_up: Option<CatchUp>,
+    /// The running connection task.
+    pub task: Option<AbortHandle>,
+    /// Whether the tabs were told the stream is degraded (told once, and once when it recovers).
+    pub degraded: bool,
+}
+
+/// Limits applied to subscribe.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub topics_per_tab: usize,
+    pub projects_per_user: usize,
+    pub buffer: usize,
+}
+
+#[derive(Default)]
+pub struct Subscriptions {
+    by_tab: HashMap<u64, BTreeSet<Topic>>,
+    streams: BTreeMap<String, Stream>,
+    next_generation: u64,
+}
+
+/// What an upstream event turned into: the message, once, and the tabs it goes to.
+pub struct Delivery {
+    pub msg: Utf8Bytes,
+    pub tabs: Vec<u64>,
+}
+
+fn numeric(id: &str) -> Option<u64> {
+    id.parse().ok()
+}
+
+impl Subscriptions {
+    /// The topics a tab holds.
+    pub fn topics_of(&self, tab: u64) -> Vec<Topic> {
+        self.by_tab
+            .get(&tab)
+            .map(|t| t.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Open streams (projects).
+    pub fn projects(&self) -> impl Iterator<Item = &str> {
+        self.streams.keys().map(String::as_str)
+    }
+
+    pub fn stream_mut(&mut self, project: &str) -> Option<&mut Stream> {
+        self.streams.get_mut(project)
+    }
+
+    /// Whether `generation` is the current connection of `project`.
+    pub fn is_current(&self, project: &str, generation: u64) -> bool {
+        self.streams
+            .get(project)
+            .is_some_and(|s| s.generation == generation)
+    }
+
+    /// Where a reconnection of `project` resumes.
+    pub fn resume_id(&self, project: &str) -> Option<String> {
+        self.streams.get(project).and_then(|s| s.resume_id.clone())
+    }
+
+    /// The (tab, topic) pairs on a project.
+    pub fn holders(&self, project: &str) -> Vec<(u64, Topic)> {
+        let mut out = Vec::new();
+        for (tab, topics) in &self.by_tab {
+            for t in topics.iter().filter(|t| t.project == project) {
+                out.push((*tab, t.clone()));
+            }
+        }
+        out
+    }
+
+    fn wanted_types(&self, project: &str) -> BTreeSet<String> {
+        self.by_tab
+            .values()
+            .flat_map(|ts| ts.iter())
+            .filter(|t| t.project == project)
+            .map(|t| t.event_type.clone())
+            .collect()
+    }
+
+    fn start(&mut self, project: &str, from: Option<String>) -> Action {
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        let wanted = self.wanted_types(project);
+        let s = self
+            .streams
+            .get_mut(project)
+            .expect("start is called for an existing stream");
+        s.filter.extend(wanted);
+        s.generation = generation;
+        s.resume_id = from.clone();
+        if let Some(t) = s.task.take() {
+            t.abort();
+        }
+        Action::Start {
+            project: project.to_owned(),
+            filter: s.filter.clone(),
+            from,
+            generation,
+        }
+    }
+
+    /// Subscribes `tab` to `topic`. Returns whether it is new, the buffered messages to send to the tab now, and
+    /// the action to take.
+    pub fn subscribe(
+        &mut self,
+        tab: u64,
+        topic: &Topic,
+        last_event_id: Option<&str>,
+        limits: Limits,
+    ) -> Result<(bool, Vec<Utf8Bytes>, Option<Action>), SubscribeError> {
+        let held = self.by_tab.get(&tab);
+        if held.is_some_and(|t| t.contains(topic)) {
+            return Ok((false, Vec::new(), None));
+        }
+        if held.is_some_and(|t| t.len() >= limits.topics_per_tab) {
+            return Err(SubscribeError::TooManyTopics(limits.topics_per_tab));
+        }
+        if !self.streams.contains_key(&topic.project)
+            && self.streams.len() >= limits.projects_per_user
+        {
+            return Err(SubscribeError::TooManyProjects(limits.projects_per_user));
+        }
+        self.by_tab.entry(tab).or_default().insert(topic.clone());
+        let last = last_event_id.filter(|s| !s.is_empty()).map(str::to_owned);
+
+        let Some(stream) = self.streams.get_mut(&topic.project) else {
+            self.streams.insert(
+                topic.project.clone(),
+                Stream {
+                    filter: BTreeSet::new(),
+                    generation: 0,
+                    resume_id: None,
+                    delivered_id: None,
+                    buffer: VecDeque::with_capacity(limits.buffer.min(64)),
+                    catch_up: None,
+                    task: None,
+                    degraded: false,
+                },
+            );
+            return Ok((true, Vec::new(), Some(self.start(&topic.project, last))));
+        };
+
+        let carries_type = stream.filter.contains(&topic.event_type);
+        let buffered_from = last.as_ref().and_then(|id| {
+            stream
+                .buffer
+                .iter()
+                .position(|b| &b.id == id)
+                .map(|i| i + 1)
+        });
+        match (last, carries_type, buffered_from) {
+            // From now on, on a stream that carries the type: nothing to do.
+            (None, true, _) => Ok((true, Vec::new(), None)),
+            // Resume within the buffer: replay it to this tab only.
+            (Some(_), true, Some(from)) => {
+                let replay = stream
+                    .buffer
+                    .iter()
+                    .skip(from)
+                    .filter(|b| b.event_type == topic.event_type)
+                    .map(|b| b.msg.clone())
+                    .collect();
+                Ok((true, replay, None))
+            }
+            // A new type, from now on: reopen with the union from the last event received.
+            (None, false, _) => {
+                let from = stream.resume_id.clone();
+                Ok((true, Vec::new(), Some(self.start(&topic.project, from))))
+            }
+            // An id older than the buffer, or a type the stream did not carry: reopen from that id and catch up.
+            (Some(id), _, _) => {
+                let from = match (&stream.catch_up, stream.delivered_id.clone()) {
+                    (_, None) => {
+                        // Nothing delivered yet on this stream: everything replayed is new to everyone.
+                        Some(id)
+                    }
+                    (Some(c), Some(_)) => {
+                        // Already catching up from an older point: keep the older of the two when comparable.
+                        let mut pairs = c.pairs.clone();
+                        pairs.push((tab, topic.clone()));
+                        let older =
+                            match (numeric(&id), stream.resume_id.as_deref().and_then(numeric)) {
+                                (Some(a), Some(b)) if b < a => stream.resume_id.clone(),
+                                _ => Some(id),
+                            };
+                        let until = c.until.clone();
+                        stream.catch_up = Some(CatchUp { until, pairs });
+                        older
+                    }
+                    (None, Some(delivered)) => {
+                        stream.catch_up = Some(CatchUp {
+                            until: delivered,
+                            pairs: vec![(tab, topic.clone())],
+                        });
+                        Some(id)
+                    }
+                };
+                Ok((true, Vec::new(), Some(self.start(&topic.project, from))))
+            }
+        }
+    }
+
+    /// Releases `tab`'s hold on `topic`.
+    pub fn unsubscribe(&mut self, tab: u64, topic: &Topic) -> (bool, Option<Action>) {
+        let removed = self.by_tab.get_mut(&tab).is_some_and(|t| t.remove(topic));
+        if self.by_tab.get(&tab).is_some_and(BTreeSet::is_empty) {
+            self.by_tab.remove(&tab);
+        }
+        if !removed {
+            return (false, None);
+        }
+        (true, self.stop_if_unused(&topic.project))
+    }
+
+    /// Releases everything a closing tab held.
+    pub fn release_tab(&mut self, tab: u64) -> Vec<Action> {
+        let Some(topics) = self.by_tab.remove(&tab) else {
+            return Vec::new();
+        };
+        let projects: BTreeSet<String> = topics.into_iter().map(|t| t.project).collect();
+        projects
+            .iter()
+            .filter_map(|p| self.stop_if_unused(p))
+            .collect()
+    }
+
+    /// Drops every subscription on a project (GitLab said 403 or 404). Returns who held what.
+    pub fn drop_project(&mut self, project: &str) -> Vec<(u64, Topic)> {
+        let holders = self.holders(project);
+        for (tab, topic) in &holders {
+            if let Some(t) = self.by_tab.get_mut(tab) {
+                t.remove(topic);
+            }
+        }
+        self.by_tab.retain(|_, t| !t.is_empty());
+        if let Some(mut s) = self.streams.remove(project) {
+            if let Some(t) = s.task.take() {
+                t.abort();
+            }
+        }
+        holders
+    }
+
+    fn stop_if_unused(&mut self, project: &str) -> Option<Action> {
+        let used = self
+            .by_tab
+            .values()
+            .any(|ts| ts.iter().any(|t| t.project == project));
+        if used {
+            return None;
+        }
+        let mut s = self.streams.remove(project)?;
+        if let Some(t) = s.task.take() {
+            t.abort();
+        }
+        Some(Action::Stop {
+            project: project.to_owned(),
+        })
+    }
+
+    /// Stops every stream (the session stops).
+    pub fn stop_all(&mut self) {
+        for (_, mut s) in std::mem::take(&mut self.streams) {
+            if let Some(t) = s.task.take() {
+                t.abort();
+            }
+        }
+        self.by_tab.clear();
+    }
+
+    /// Reopens every stream from its resume point (after a token refresh: new bearer, nothing lost).
+    pub fn restart_all(&mut self) -> Vec<Action> {
+        let projects: Vec<String> = self.streams.keys().cloned().collect();
+        projects
+            .into_iter()
+            .map(|p| {
+                let from = self.resume_id(&p);
+                self.start(&p, from)
+            })
+            .collect()
+    }
+
+    /// An event from the current connection of `project`. `encode` builds the message (called at most once).
+    pub fn on_event(
+        &mut self,
+        project: &str,
+        generation: u64,
+        id: &str,
+        event_type: &str,
+        buffer_cap: usize,
+        encode: impl FnOnce() -> Utf8Bytes,
+    ) -> Option<Delivery> {
+        let stream = self.streams.get_mut(project)?;
+        if stream.generation != generation {
+            return None;
+        }
+        if !id.is_empty() {
+            stream.resume_id = Some(id.to_owned());
+        }
+        let topic = Topic {
+            project: project.to_owned(),
+            event_type: event_type.to_owned(),
+        };
+        if let Some(c) = &stream.catch_up {
+            let past_until = match (numeric(id), numeric(&c.until)) {
+                (Some(a), Some(b)) => a > b,
+                _ => false,
+            };
+            if !past_until {
+                let tabs: Vec<u64> = c
+                    .pairs
+                    .iter()
+                    .filter(|(_, t)| *t == topic)
+                    .map(|(tab, _)| *tab)
+                    .filter(|tab| self.by_tab.get(tab).is_some_and(|ts| ts.contains(&topic)))
+                    .collect();
+                if id == c.until {
+                    stream.catch_up = None;
+                }
+                return (!tabs.is_empty()).then(|| Delivery {
+                    msg: encode(),
+                    tabs,
+                });
+            }
+            stream.catch_up = None;
+        }
+        if !id.is_empty() && stream.buffer.iter().any(|b| b.id == id) {
+            return None; // a repeat from upstream
+        }
+        let msg = encode();
+        if !id.is_empty() {
+            stream.delivered_id = Some(id.to_owned());
+            if stream.buffer.len() >= buffer_cap {
+                stream.buffer.pop_front();
+            }
+            stream.buffer.push_back(Buffered {
+                id: id.to_owned(),
+                event_type: event_type.to_owned(),
+                msg: msg.clone(),
+            });
+        }
+        let tabs: Vec<u64> = self
+            .by_tab
+            .iter()
+            .filter(|(_, ts)| ts.contains(&topic))
+            .map(|(tab, _)| *tab)
+            .collect();
+        (!tabs.is_empty()).then_some(Delivery { msg, tabs })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        topics_per_tab: 3,
+        projects_per_user: 2,
+        buffer: 4,
+    };
+
+    fn t(s: &str) -> Topic {
+        Topic::parse(s).unwrap()
+    }
+
+    fn gen_of(a: &Option<Action>) -> u64 {
+        match a {
+            Some(Action::Start { generation, .. }) => *generation,
+            other => panic!("expected a start, got {other:?}"),
+        }
+    }
+
+    fn event(s: &mut Subscriptions, generation: u64, id: &str, ty: &str) -> Vec<u64> {
+        let mut tabs = s
+            .on_event("1", generation, id, ty, LIMITS.buffer, || {
+                Utf8Bytes::from(format!("{ty}#{id}"))
+            })
+            .map(|d| d.tabs)
+            .unwrap_or_default();
+        tabs.sort();
+        tabs
+    }
+
+    #[test]
+    fn one_stream_per_project_with_refcounts() {
+        let mut s = Subscriptions::default();
+        let (new, _, a) = s.subscribe(1, &t("/project/1/push"), None, LIMITS).unwrap();
+        assert!(new);
+        let g = gen_of(&a);
+        assert!(s
+            .subscribe(2, &t("/project/1/push"), None, LIMITS)
+            .unwrap()
+            .2
+            .is_none());
+        assert!(
+            !s.subscribe(2, &t("/project/1/push"), None, LIMITS)
+                .unwrap()
+                .0
+        );
+        assert_eq!(event(&mut s, g, "1", "push"), vec![1, 2]);
+        assert_eq!(s.unsubscribe(1, &t("/project/1/push")), (true, None));
+        assert_eq!(event(&mut s, g, "2", "push"), vec![2]);
+        let (removed, stop) = s.unsubscribe(2, &t("/project/1/push"));
+        assert!(removed && matches!(stop, Some(Action::Stop { .. })));
+    }
+
+    #[test]
+    fn new_type_reopens_from_the_last_event_and_stale_generations_are_ignored() {
+        let mut s = Subscriptions::default();
+        let g1 = gen_of(
+            &s.subscribe(1, &t("/project/1/push"), None, LIMITS)
+                .unwrap()
+                .2,
+        );
+        assert_eq!(event(&mut s, g1, "7", "push"), vec![1]);
+        let a = s
+            .subscribe(2, &t("/project/1/issue"), None, LIMITS)
+            .unwrap()
+            .2;
+        match &a {
+            Some(Action::Start { filter, from, .. }) => {
+                assert_eq!(
+                    filter.iter().map(String::as_str).collect::<Vec<_>>(),
+                    ["issue", "push"]
+                );
+                assert_eq!(from.as_deref(), Some("7"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let g2 = gen_of(&a);
+        assert!(
+            event(&mut s, g1, "8", "push").is_empty(),
+            "old connection ignored"
+        );
+        assert_eq!(event(&mut s, g2, "8", "issue"), vec![2]);
+        assert_eq!(event(&mut s, g2, "9", "push"), vec![1]);
+        // Removing a type filters locally, without reopening.
+        assert_eq!(s.unsubscribe(2, &t("/project/1/issue")), (true, None));
+        assert!(event(&mut s, g2, "10", "issue").is_empty());
+    }
+
+    #[test]
+    fn repeats_are_dropped() {
+        let mut s = Subscriptions::default();
+        let g = gen_of(
+            &s.subscribe(1, &t("/project/1/push"), None, LIMITS)
+                .unwrap()
+                .2,
+        );
+        assert_eq!(event(&mut s, g, "1", "push"), vec![1]);
+        assert!(event(&mut s, g, "1", "push").is_empty());
+    }
+
+    #[test]
+    fn resume_from_the_buffer_without_reconnecting() {
+        let mut s = Subscriptions::default();
+        let g = gen_of(
+            &s.subscribe(1, &t("/project/1/push"), None, LIMITS)
+                .unwrap()
+                .2,
+        );
+        for id in ["1", "2", "3"] {
+            event(&mut s, g, id, "push");
+        }
+        let (_, replay, action) = s
+            .subscribe(2, &t("/project/1/push"), Some("1"), LIMITS)
+            .unwrap();
+        assert!(action.is_none());
+        assert_eq!(
+            replay,
+            vec![Utf8Bytes::from("push#2"), Utf8Bytes::from("push#3")]
+        );
+    }
+
+    #[test]
+    fn an_old_id_catches_up_without_repeating_for_others() {
+        let mut s = Subscriptions::default();
+        let g = gen_of(
+            &s.subscribe(1, &t("/project/1/push"), None, LIMITS)
+                .unwrap()
+                .2,
+        );
+        for id in 1..=10 {
+            event(&mut s, g, &id.to_string(), "push");
+        }
+        // Tab 2 last saw event 3, which left the 4-event buffer.
+        let a = s
+            .subscribe(2, &t("/project/1/push"), Some("3"), LIMITS)
+            .unwrap()
+            .2;
+        match &a {
+            Some(Action::Start { from, .. }) => assert_eq!(from.as_deref(), Some("3")),
+            other => panic!("{other:?}"),
+        }
+        let g2 = gen_of(&a);
+        for id in 4..=10 {
+            assert_eq!(
+                event(&mut s, g2, &id.to_string(), "push"),
+                vec![2],
+                "replayed {id}"
+            );
+        }
+        assert_eq!(event(&mut s, g2, "11", "push"), vec![1, 2], "live again");
+    }
+
+    #[test]
+    fn limits_are_errors() {
+        let mut s = Subscriptions::default();
+        for ty in ["a", "b", "c"] {
+            s.subscribe(1, &t(&format!("/project/1/{ty}")), None, LIMITS)
+                .unwrap();
+        }
+        assert_eq!(
+            s.subscribe(1, &t("/project/1/d"), None, LIMITS)
+                .unwrap_err(),
+            SubscribeError::TooManyTopics(3)
+        );
+        s.subscribe(2, &t("/project/2/a"), None, LIMITS).unwrap();
+        assert_eq!(
+            s.subscribe(2, &t("/project/3/a"), None, LIMITS)
+                .unwrap_err(),
+            SubscribeError::TooManyProjects(2)
+        );
+    }
+
+    #[test]
+    fn a_closing_tab_releases_everything() {
+        let mut s = Subscriptions::default();
+        s.subscribe(1, &t("/project/1/a"), None, LIMITS).unwrap();
+        s.subscribe(1, &t("/project/2/a"), None, LIMITS).unwrap();
+        s.subscribe(2, &t("/project/2/b"), None, LIMITS).unwrap();
+        let actions = s.release_tab(1);
+        assert_eq!(
+            actions,
+            vec![Action::Stop {
+                project: "1".into()
+            }]
+        );
+        assert_eq!(s.projects().collect::<Vec<_>>(), ["2"]);
+    }
+}
