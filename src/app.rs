@@ -9,6 +9,7 @@ use tabhub_commands::Registry;
 use crate::auth::Realm;
 use crate::backends::Backends;
 use crate::config::Config;
+use crate::custody::Custody;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 
@@ -18,6 +19,8 @@ pub struct App {
     pub realm: Arc<Realm>,
     pub hub: Hub,
     pub backends: Backends,
+    /// Token custody (login, server-side tokens), when enabled.
+    pub custody: Option<Arc<Custody>>,
     /// The HTTP client of upstream SSE streams (see [`crate::upstream`]).
     pub upstream: reqwest::Client,
     /// The `[commands]` table as JSON, handed to commands.
@@ -44,8 +47,14 @@ impl App {
         } else {
             config.instance_id.clone()
         };
+        let realm = Realm::new(config.auth.clone());
+        let custody = config
+            .custody
+            .enabled
+            .then(|| Arc::new(Custody::new(&config, realm.clone(), metrics.clone())));
         Arc::new(App {
-            realm: Realm::new(config.auth.clone()),
+            realm,
+            custody,
             backends: Backends::new(&config, metrics.clone()),
             upstream: crate::upstream::client(&config.gitlab),
             hub: Hub::default(),

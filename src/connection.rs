@@ -38,6 +38,7 @@ pub async fn run<S>(
     let (sink, mut stream) = ws.split();
     let (tab, outbox) = Tab::new(
         app.next_tab_id(),
+        auth.as_ref().ok().and_then(|v| v.source.clone()),
         w.outbound_queue_messages,
         w.outbound_queue_bytes,
         app.metrics.clone(),

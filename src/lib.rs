@@ -23,6 +23,7 @@ pub mod close_codes;
 pub mod config;
 pub mod connection;
 pub mod context;
+pub mod custody;
 pub mod demo;
 pub mod handshake;
 pub mod hub;

@@ -66,6 +66,7 @@ pub async fn start(
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(crate::custody::routes::router())
         .with_state(app.clone())
         .merge(extra);
     let (stop, mut stopped) = watch::channel(false);

@@ -207,6 +207,33 @@ impl Session {
         }
     }
 
+    /// Sends `kind data` to the tabs of one browser session, then closes them with `code`.
+    pub fn close_source(&self, source: &str, kind: &str, data: Value, code: CloseCode) {
+        let msg = protocol::encode(kind, &data, None);
+        for t in self
+            .lock()
+            .tabs
+            .iter()
+            .filter(|t| t.source.as_deref() == Some(source))
+        {
+            t.send(msg.clone());
+            t.close(code, code.name);
+        }
+    }
+
+    /// The browser sessions of the tabs, current token's first: where a refresh may come from.
+    fn sources(&self, first: Option<&Arc<str>>) -> Vec<Arc<str>> {
+        let mut out: Vec<Arc<str>> = first.into_iter().cloned().collect();
+        for t in &self.lock().tabs {
+            if let Some(s) = &t.source {
+                if !out.contains(s) {
+                    out.push(s.clone());
+                }
+            }
+        }
+        out
+    }
+
     /// Closes every tab with `code` (they detach themselves as their connections end).
     pub fn close_all(&self, code: CloseCode, reason: &str) {
         for t in &self.lock().tabs {
@@ -564,15 +591,53 @@ impl Session {
 /// sleeping so it never keeps a session alive.
 async fn watch_expiry(session: Weak<Session>, mut token: watch::Receiver<Option<Verified>>) {
     let mut warned_for = None;
+    let mut refresh_failures = 0u32;
     loop {
-        let exp = token.borrow_and_update().as_ref().map(|t| t.exp);
-        let Some(exp) = exp else {
+        let current = token.borrow_and_update().clone();
+        let Some(current) = current else {
             if token.changed().await.is_err() {
                 return;
             }
             continue;
         };
+        let exp = current.exp;
         let now = now_unix();
+        // Token custody: refresh silently before the expiry instead of warning the tabs.
+        if now < exp {
+            let Some(s) = session.upgrade() else { return };
+            if let Some(custody) = s.app.custody.clone() {
+                let tolerance = custody.config().refresh_tolerance_ms.div_ceil(1000);
+                let sources = s.sources(current.source.as_ref());
+                if !sources.is_empty() {
+                    let refresh_at = exp.saturating_sub(tolerance);
+                    if now < refresh_at {
+                        drop(s);
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(refresh_at - now)) => {}
+                            r = token.changed() => if r.is_err() { return },
+                        }
+                        continue;
+                    }
+                    if s.refresh_from(&custody, &sources).await {
+                        refresh_failures = 0;
+                        continue;
+                    }
+                    // Unreachable identity provider: keep trying (with backoff) until the token really expires.
+                    refresh_failures += 1;
+                    let wait = crate::backoff::full_jitter(Duration::from_millis(
+                        (250u64 << refresh_failures.min(6)).min(5_000),
+                    ))
+                    .max(Duration::from_millis(100));
+                    let left = Duration::from_secs(exp.saturating_sub(now_unix()));
+                    drop(s);
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait.min(left)) => {}
+                        r = token.changed() => if r.is_err() { return },
+                    }
+                    continue;
+                }
+            }
+        }
         if now >= exp {
             if let Some(s) = session.upgrade() {
                 tracing::info!(user = %s.user.id, "session token expired without renewal");
@@ -581,6 +646,9 @@ async fn watch_expiry(session: Weak<Session>, mut token: watch::Receiver<Option<
                     &json!({"message": "Your session's access token expired.", "authExpired": true}),
                 );
                 s.close_all(close_codes::TOKEN_EXPIRED, "token expired");
+                if let (Some(custody), Some(src)) = (&s.app.custody, &current.source) {
+                    custody.store().remove(src).await;
+                }
             }
             if token.changed().await.is_err() {
                 return;
@@ -603,5 +671,40 @@ async fn watch_expiry(session: Weak<Session>, mut token: watch::Receiver<Option<
             _ = tokio::time::sleep(Duration::from_secs(until - now)) => {}
             r = token.changed() => if r.is_err() { return },
         }
+    }
+}
+
+impl Session {
+    /// Refreshes the session's token through one of its browser sessions. A browser session whose refresh token
+    /// is refused has its tabs told and closed (4002) and the next one is tried. True when a fresh token was
+    /// installed; false when the identity provider could not be reached (or no source is left).
+    async fn refresh_from(
+        self: &Arc<Self>,
+        custody: &crate::custody::Custody,
+        sources: &[Arc<str>],
+    ) -> bool {
+        use crate::custody::CustodyError;
+        for src in sources {
+            match custody.refresh(src).await {
+                Ok(_) => match custody.fresh_token(src).await {
+                    Ok(v) => {
+                        self.offer_token(&v);
+                        self.rebuild_streams();
+                        return true;
+                    }
+                    Err(_) => continue,
+                },
+                Err(CustodyError::Rejected | CustodyError::NoSession) => {
+                    self.close_source(
+                        src,
+                        "error",
+                        json!({"message": "Your login expired; log in again.", "authExpired": true}),
+                        close_codes::TOKEN_EXPIRED,
+                    );
+                }
+                Err(_) => return false,
+            }
+        }
+        false
     }
 }

@@ -21,6 +21,9 @@ use crate::metrics::Metrics;
 /// The sending side of a tab, shared by the session and the tab's own tasks.
 pub struct Tab {
     pub id: u64,
+    /// The browser session (token custody) the tab authenticated with, if any: logout and refresh failures close
+    /// the tabs of that browser session only. Never logged.
+    pub source: Option<Arc<str>>,
     queue: mpsc::Sender<Utf8Bytes>,
     queued_bytes: AtomicUsize,
     max_bytes: usize,
@@ -42,6 +45,7 @@ pub struct Outbox {
 impl Tab {
     pub fn new(
         id: u64,
+        source: Option<Arc<str>>,
         max_messages: usize,
         max_bytes: usize,
         metrics: Arc<Metrics>,
@@ -49,6 +53,7 @@ impl Tab {
         let (tx, rx) = mpsc::channel(max_messages);
         let tab = Arc::new(Tab {
             id,
+            source,
             queue: tx,
             queued_bytes: AtomicUsize::new(0),
             max_bytes,

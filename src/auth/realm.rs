@@ -51,6 +51,8 @@ pub(crate) enum KeyKind {
 pub(crate) struct Loaded {
     pub discovery: Discovery,
     pub keys: HashMap<String, Key>,
+    /// The JWKS document as served (openidconnect verifies ID tokens with it).
+    pub jwks: Value,
 }
 
 /// Why loading failed; logged, never shown to clients.
@@ -145,10 +147,13 @@ impl Realm {
             )));
         }
         discovery.document = document;
-        let keys = self.fetch_keys(&discovery.jwks_uri).await?;
+        let (keys, jwks) = self.fetch_keys(&discovery.jwks_uri).await?;
         *self.last_fetch.lock().await = Some(Instant::now());
-        *self.loaded.write().unwrap_or_else(|p| p.into_inner()) =
-            Some(Arc::new(Loaded { discovery, keys }));
+        *self.loaded.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(Loaded {
+            discovery,
+            keys,
+            jwks,
+        }));
         Ok(())
     }
 
@@ -163,11 +168,12 @@ impl Realm {
         let current = self.loaded()?;
         *last = Some(Instant::now());
         match self.fetch_keys(&current.discovery.jwks_uri).await {
-            Ok(keys) => {
+            Ok((keys, jwks)) => {
                 tracing::info!(keys = keys.len(), "realm keys refetched for an unknown kid");
                 let updated = Arc::new(Loaded {
                     discovery: current.discovery.clone(),
                     keys,
+                    jwks,
                 });
                 *self.loaded.write().unwrap_or_else(|p| p.into_inner()) = Some(updated.clone());
                 Some(updated)
@@ -179,10 +185,15 @@ impl Realm {
         }
     }
 
-    async fn fetch_keys(&self, url: &str) -> Result<HashMap<String, Key>, RealmError> {
+    /// The JWKS document, once loaded.
+    pub fn jwks_document(&self) -> Option<Value> {
+        self.loaded().map(|l| l.jwks.clone())
+    }
+
+    async fn fetch_keys(&self, url: &str) -> Result<(HashMap<String, Key>, Value), RealmError> {
         let doc: Value = self.get_json(url).await?;
         let set: JwkSet =
-            serde_json::from_value(doc).map_err(|e| RealmError::Jwks(e.to_string()))?;
+            serde_json::from_value(doc.clone()).map_err(|e| RealmError::Jwks(e.to_string()))?;
         let mut keys = HashMap::new();
         for jwk in &set.keys {
             let kind = match &jwk.algorithm {
@@ -220,7 +231,7 @@ impl Realm {
         if keys.is_empty() {
             return Err(RealmError::Jwks("no usable signing key".into()));
         }
-        Ok(keys)
+        Ok((keys, doc))
     }
 
     async fn get_json(&self, url: &str) -> Result<Value, RealmError> {

@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use jsonwebtoken::{Algorithm, Validation};
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use tabhub_commands::User;
 
@@ -20,8 +21,13 @@ pub struct Verified {
     pub exp: u64,
     /// Keycloak's session id (`sid`), for back-channel logout; never logged.
     pub sid: Option<String>,
+    /// The client the token was issued to.
+    pub azp: Option<String>,
     /// The token itself, for calls to backends on the user's behalf.
     pub token: Arc<str>,
+    /// The server-side browser session (token custody) the token belongs to, when it came from one; the session
+    /// refreshes through it. Never logged.
+    pub source: Option<Arc<str>>,
 }
 
 /// Why a token was refused.
@@ -70,8 +76,14 @@ impl OneOrMany {
 }
 
 impl Realm {
-    /// Verifies an access token.
-    pub async fn verify(&self, token: &str) -> Result<Verified, AuthError> {
+    /// Verifies a JWT signed by the realm: accepted algorithm, known key (one refetch on an unknown `kid`),
+    /// signature, `iss` exactly; `exp`/`nbf` with the leeway. `configure` adjusts the validation (required claims,
+    /// audience) for the kind of token.
+    pub async fn verify_jwt<T: DeserializeOwned>(
+        &self,
+        token: &str,
+        configure: impl FnOnce(&mut Validation),
+    ) -> Result<T, AuthError> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| AuthError::Invalid("malformed token"))?;
         let accepted: Vec<Algorithm> = self
@@ -97,22 +109,26 @@ impl Realm {
         validation.validate_nbf = true;
         validation.validate_aud = false;
         validation.aud = None::<HashSet<String>>;
-        let data =
-            jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation).map_err(|e| {
-                use jsonwebtoken::errors::ErrorKind as K;
-                match e.kind() {
-                    K::ExpiredSignature => AuthError::Expired,
-                    K::InvalidSignature => AuthError::Invalid("bad signature"),
-                    K::InvalidIssuer => AuthError::Invalid("wrong issuer"),
-                    K::ImmatureSignature => AuthError::Invalid("token not valid yet (nbf)"),
-                    K::MissingRequiredClaim(_) => {
-                        AuthError::Invalid("missing exp, iss or sub claim")
-                    }
-                    K::InvalidAlgorithm => AuthError::Invalid("algorithm does not match the key"),
-                    _ => AuthError::Invalid("malformed token"),
-                }
-            })?;
-        let claims = data.claims;
+        configure(&mut validation);
+        let data = jsonwebtoken::decode::<T>(token, &key.decoding, &validation).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind as K;
+            match e.kind() {
+                K::ExpiredSignature => AuthError::Expired,
+                K::InvalidSignature => AuthError::Invalid("bad signature"),
+                K::InvalidIssuer => AuthError::Invalid("wrong issuer"),
+                K::InvalidAudience => AuthError::Invalid("wrong audience"),
+                K::ImmatureSignature => AuthError::Invalid("token not valid yet (nbf)"),
+                K::MissingRequiredClaim(_) => AuthError::Invalid("a required claim is missing"),
+                K::InvalidAlgorithm => AuthError::Invalid("algorithm does not match the key"),
+                _ => AuthError::Invalid("malformed token"),
+            }
+        })?;
+        Ok(data.claims)
+    }
+
+    /// Verifies an access token.
+    pub async fn verify(&self, token: &str) -> Result<Verified, AuthError> {
+        let claims: Claims = self.verify_jwt(token, |_| {}).await?;
         if self.config().require_typ_bearer && claims.typ.as_deref() != Some("Bearer") {
             return Err(AuthError::Invalid(
                 "not an access token (typ must be Bearer)",
@@ -138,7 +154,9 @@ impl Realm {
             },
             exp: claims.exp,
             sid: claims.sid,
+            azp: claims.azp,
             token: Arc::from(token),
+            source: None,
         })
     }
 }

@@ -1,0 +1,600 @@
+//! Token custody (backend-for-frontend): tabhub logs the browser in with the authorization code flow (PKCE, `state`,
+//! `nonce`) as a confidential client, keeps the token set server-side under a random session id, and hands the
+//! browser only an `HttpOnly` cookie. Sessions' loops and streams use the stored access token, refreshed before it
+//! expires ([`Custody::refresh`]); back-channel logout drops sessions Keycloak ended.
+//!
+//! - [`store`]: where token sets live ([`TokenStore`], in memory for now);
+//! - [`routes`]: `/auth/login`, `/auth/callback`, `/auth/me`, `/auth/logout`, `/auth/backchannel-logout`.
+//!
+//! Nothing here logs a token, a code or a session id.
+
+pub mod routes;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use openidconnect::core::{
+    CoreAuthenticationFlow, CoreClient, CoreJsonWebKeySet, CoreProviderMetadata,
+};
+use openidconnect::{
+    AuthorizationCode, ClientId, ClientSecret, CsrfToken, EndpointMaybeSet, EndpointNotSet,
+    EndpointSet, Nonce, OAuth2TokenResponse, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl,
+    RefreshToken, RequestTokenError, Scope, TokenResponse,
+};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::auth::{AuthError, Realm, Verified};
+use crate::config::{Config, CustodyConfig};
+use crate::metrics::Metrics;
+pub use store::{MemoryStore, StoredSession, TokenStore};
+
+type OidcClient = CoreClient<
+    EndpointSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointMaybeSet,
+    EndpointMaybeSet,
+>;
+
+/// Why a custody operation failed. The texts are shown to users: no secrets in them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CustodyError {
+    #[error("the identity provider is not ready (discovery not loaded)")]
+    NotReady,
+    #[error("redirect target not allowed: use a relative path or an allowed origin")]
+    BadRedirect,
+    #[error("unknown or expired login state; start the login again")]
+    UnknownState,
+    #[error("login failed: {0}")]
+    LoginFailed(String),
+    #[error("no such session")]
+    NoSession,
+    #[error("the identity provider refused the refresh token; log in again")]
+    Rejected,
+    #[error("the identity provider is unreachable")]
+    Unavailable,
+    #[error("invalid logout token: {0}")]
+    BadLogoutToken(&'static str),
+}
+
+/// A login between `/auth/login` and `/auth/callback`.
+#[derive(Clone)]
+struct Pending {
+    verifier: String,
+    nonce: String,
+    redirect: String,
+}
+
+/// The token-custody service.
+pub struct Custody {
+    config: CustodyConfig,
+    allowed_origins: Vec<String>,
+    realm: Arc<Realm>,
+    http: reqwest::Client,
+    store: Arc<dyn TokenStore>,
+    pending: moka::future::Cache<String, Pending>,
+    /// Refreshes in flight or just done, keyed by the refresh token they used: concurrent refreshes of one
+    /// session share one request, and a late caller holding the rotated-out token gets the new set.
+    refreshes: moka::future::Cache<Arc<str>, StoredSession>,
+    /// Introspection answers by token, for `introspection_cache_ms`.
+    introspected: moka::future::Cache<Arc<str>, bool>,
+    /// Logout tokens' `jti`s already seen.
+    seen_jti: moka::future::Cache<String, ()>,
+    metrics: Arc<Metrics>,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+/// A random, URL-safe session id (256 bits).
+fn new_session_id() -> String {
+    let bytes: [u8; 32] = rand::random();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// The `exp` of a JWT, read without verification: only to know how long to keep a refresh token (Keycloak's are
+/// JWTs signed with a realm secret we do not have).
+fn unverified_exp(jwt: &str) -> Option<u64> {
+    let payload = jwt.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    serde_json::from_slice::<Value>(&bytes)
+        .ok()?
+        .get("exp")?
+        .as_u64()
+}
+
+impl Custody {
+    pub fn new(config: &Config, realm: Arc<Realm>, metrics: Arc<Metrics>) -> Custody {
+        let c = config.custody.clone();
+        let allowed_origins = if c.allowed_redirect_origins.is_empty() {
+            config.origins.allowed.clone()
+        } else {
+            c.allowed_redirect_origins.clone()
+        };
+        Custody {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_millis(config.auth.http_timeout_ms))
+                // No redirects when talking to the identity provider (SSRF, as openidconnect recommends).
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap_or_default(),
+            store: Arc::new(MemoryStore::new(1_000_000)),
+            pending: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_millis(c.login_timeout_ms))
+                .build(),
+            refreshes: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(60))
+                .build(),
+            introspected: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_millis(c.introspection_cache_ms.max(1)))
+                .build(),
+            seen_jti: moka::future::Cache::builder()
+                .max_capacity(1_000_000)
+                .time_to_live(Duration::from_millis(c.logout_token_max_age_ms * 2))
+                .build(),
+            allowed_origins,
+            realm,
+            metrics,
+            config: c,
+        }
+    }
+
+    pub fn config(&self) -> &CustodyConfig {
+        &self.config
+    }
+
+    pub fn store(&self) -> &Arc<dyn TokenStore> {
+        &self.store
+    }
+
+    fn client(&self) -> Result<OidcClient, CustodyError> {
+        let discovery = self.realm.discovery().ok_or(CustodyError::NotReady)?;
+        let jwks = self.realm.jwks_document().ok_or(CustodyError::NotReady)?;
+        let metadata: CoreProviderMetadata = serde_json::from_value(discovery.document)
+            .map_err(|e| CustodyError::LoginFailed(format!("discovery document: {e}")))?;
+        let jwks: CoreJsonWebKeySet = serde_json::from_value(jwks)
+            .map_err(|e| CustodyError::LoginFailed(format!("JWKS: {e}")))?;
+        let redirect = RedirectUrl::new(self.config.redirect_uri.clone())
+            .map_err(|e| CustodyError::LoginFailed(format!("custody.redirect_uri: {e}")))?;
+        Ok(CoreClient::from_provider_metadata(
+            metadata.set_jwks(jwks),
+            ClientId::new(self.config.client_id.clone()),
+            Some(ClientSecret::new(self.config.client_secret.clone())),
+        )
+        .set_redirect_uri(redirect))
+    }
+
+    /// Checks a `?redirect=` target: a relative path, or a URL on an allowed origin. Returns where to go.
+    pub fn check_redirect(&self, target: Option<&str>) -> Result<String, CustodyError> {
+        let Some(t) = target.filter(|t| !t.is_empty()) else {
+            return Ok("/".into());
+        };
+        let relative = t.starts_with('/')
+            && !t.starts_with("//")
+            && !t.contains('\\')
+            && !t.chars().any(char::is_control);
+        if relative {
+            return Ok(t.to_owned());
+        }
+        let url = url::Url::parse(t).map_err(|_| CustodyError::BadRedirect)?;
+        if self
+            .allowed_origins
+            .contains(&url.origin().ascii_serialization())
+        {
+            Ok(url.to_string())
+        } else {
+            Err(CustodyError::BadRedirect)
+        }
+    }
+
+    /// Starts a login: the URL of the realm's authorization endpoint to send the browser to.
+    pub async fn login_url(&self, redirect: Option<&str>) -> Result<String, CustodyError> {
+        let redirect = self.check_redirect(redirect)?;
+        let client = self.client()?;
+        let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+        let mut req = client.authorize_url(
+            CoreAuthenticationFlow::AuthorizationCode,
+            CsrfToken::new_random,
+            Nonce::new_random,
+        );
+        for s in self.config.scopes.iter().filter(|s| *s != "openid") {
+            req = req.add_scope(Scope::new(s.clone()));
+        }
+        let (url, state, nonce) = req.set_pkce_challenge(challenge).url();
+        self.pending
+            .insert(
+                state.secret().clone(),
+                Pending {
+                    verifier: verifier.secret().clone(),
+                    nonce: nonce.secret().clone(),
+                    redirect,
+                },
+            )
+            .await;
+        Ok(url.to_string())
+    }
+
+    /// Finishes a login: exchanges the code, verifies the ID token, stores the token set. Returns the new session
+    /// id, the stored session and where to send the browser.
+    pub async fn callback(
+        &self,
+        code: &str,
+        state: &str,
+    ) -> Result<(String, StoredSession, String), CustodyError> {
+        let pending = self
+            .pending
+            .remove(state)
+            .await
+            .ok_or(CustodyError::UnknownState)?;
+        let client = self.client()?;
+        let resp = client
+            .exchange_code(AuthorizationCode::new(code.to_owned()))
+            .map_err(|e| CustodyError::LoginFailed(e.to_string()))?
+            .set_pkce_verifier(PkceCodeVerifier::new(pending.verifier))
+            .request_async(&self.http)
+            .await
+            .map_err(|e| match e {
+                RequestTokenError::ServerResponse(r) => CustodyError::LoginFailed(format!(
+                    "the identity provider refused the code: {}",
+                    r.error()
+                )),
+                _ => CustodyError::Unavailable,
+            })?;
+        let id_token = resp
+            .id_token()
+            .ok_or_else(|| CustodyError::LoginFailed("no ID token in the answer".into()))?;
+        let claims = id_token
+            .claims(&client.id_token_verifier(), &Nonce::new(pending.nonce))
+            .map_err(|e| CustodyError::LoginFailed(format!("ID token: {e}")))?;
+        let sub = claims.subject().as_str().to_owned();
+        let stored = self
+            .to_stored(
+                resp.access_token().secret(),
+                resp.refresh_token().map(|r| r.secret().as_str()),
+                Some(id_token.to_string()),
+                None,
+            )
+            .await?;
+        if stored.user.id != sub {
+            return Err(CustodyError::LoginFailed(
+                "the access token and the ID token name different users".into(),
+            ));
+        }
+        let sid = new_session_id();
+        self.store.put(&sid, stored.clone()).await;
+        tracing::info!(user = %stored.user.id, "logged in");
+        Ok((sid, stored, pending.redirect))
+    }
+
+    /// Builds a stored session from a token answer; the access token is verified like any other.
+    async fn to_stored(
+        &self,
+        access: &str,
+        refresh: Option<&str>,
+        id_token: Option<String>,
+        previous: Option<&StoredSession>,
+    ) -> Result<StoredSession, CustodyError> {
+        let verified = self
+            .realm
+            .verify(access)
+            .await
+            .map_err(|e| CustodyError::LoginFailed(format!("access token: {e}")))?;
+        let refresh: Arc<str> = match (refresh, previous) {
+            (Some(r), _) => Arc::from(r),
+            (None, Some(p)) => p.refresh_token.clone(),
+            (None, None) => {
+                return Err(CustodyError::LoginFailed(
+                    "no refresh token in the answer (offline sessions need one)".into(),
+                ))
+            }
+        };
+        let now = now_unix();
+        let lifetime = unverified_exp(&refresh)
+            .map(|exp| Duration::from_secs(exp.saturating_sub(now)))
+            .unwrap_or(Duration::from_millis(
+                self.config.default_refresh_lifetime_ms,
+            ));
+        Ok(StoredSession {
+            kc_sid: verified.sid.clone(),
+            user: verified.user,
+            access_exp: verified.exp,
+            access_token: verified.token,
+            refresh_token: refresh,
+            refresh_expires: Instant::now() + lifetime,
+            id_token: id_token
+                .map(Arc::from)
+                .or_else(|| previous.and_then(|p| p.id_token.clone())),
+        })
+    }
+
+    /// The session's access token, refreshed first if it expires within the tolerance; as a verified token whose
+    /// `source` is the session id.
+    pub async fn fresh_token(&self, sid: &str) -> Result<Verified, CustodyError> {
+        let stored = self.store.get(sid).await.ok_or(CustodyError::NoSession)?;
+        let tolerance = self.config.refresh_tolerance_ms.div_ceil(1000);
+        let stored = if stored.access_exp <= now_unix() + tolerance {
+            self.refresh(sid).await?
+        } else {
+            stored
+        };
+        self.verified(sid, &stored).await
+    }
+
+    async fn verified(&self, sid: &str, stored: &StoredSession) -> Result<Verified, CustodyError> {
+        let mut v = self
+            .realm
+            .verify(&stored.access_token)
+            .await
+            .map_err(|e| match e {
+                AuthError::Unavailable => CustodyError::NotReady,
+                _ => CustodyError::Rejected,
+            })?;
+        v.source = Some(Arc::from(sid));
+        Ok(v)
+    }
+
+    /// Refreshes a session's tokens. Concurrent calls for one session share one request; a rotated refresh token is
+    /// stored. `Rejected` (Keycloak said `invalid_grant`...) drops the stored session.
+    pub async fn refresh(&self, sid: &str) -> Result<StoredSession, CustodyError> {
+        let stored = self.store.get(sid).await.ok_or(CustodyError::NoSession)?;
+        let key = stored.refresh_token.clone();
+        let result = self
+            .refreshes
+            .try_get_with(key, self.exchange_refresh(&stored))
+            .await
+            .map_err(|e: Arc<CustodyError>| (*e).clone());
+        match result {
+            Ok(new) => {
+                // Do not resurrect a session logged out meanwhile.
+                if self.store.get(sid).await.is_some() {
+                    self.store.put(sid, new.clone()).await;
+                }
+                Ok(new)
+            }
+            Err(CustodyError::Rejected) => {
+                self.store.remove(sid).await;
+                Err(CustodyError::Rejected)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn exchange_refresh(
+        &self,
+        stored: &StoredSession,
+    ) -> Result<StoredSession, CustodyError> {
+        let client = self.client()?;
+        let token = RefreshToken::new(stored.refresh_token.to_string());
+        let resp = client
+            .exchange_refresh_token(&token)
+            .map_err(|_| CustodyError::Unavailable)?
+            .request_async(&self.http)
+            .await;
+        let resp = match resp {
+            Ok(r) => r,
+            Err(RequestTokenError::ServerResponse(r)) => {
+                self.metrics.token_refreshes.inc(&["rejected"]);
+                tracing::info!(user = %stored.user.id, error = %r.error(), "refresh refused");
+                return Err(CustodyError::Rejected);
+            }
+            Err(_) => {
+                self.metrics.token_refreshes.inc(&["unavailable"]);
+                return Err(CustodyError::Unavailable);
+            }
+        };
+        let id_token = resp.id_token().map(|t| t.to_string());
+        let new = self
+            .to_stored(
+                resp.access_token().secret(),
+                resp.refresh_token().map(|r| r.secret().as_str()),
+                id_token,
+                Some(stored),
+            )
+            .await
+            .map_err(|_| CustodyError::Rejected)?;
+        if new.user.id != stored.user.id {
+            return Err(CustodyError::Rejected);
+        }
+        self.metrics.token_refreshes.inc(&["ok"]);
+        Ok(new)
+    }
+
+    /// RFC 7662: is the token still active at the realm? Answers are cached for `introspection_cache_ms`, so a
+    /// reconnect storm costs one request per token. Unreachable: treated as active (verification already passed).
+    pub async fn introspect(&self, token: &Arc<str>) -> bool {
+        let Some(url) = self
+            .realm
+            .discovery()
+            .and_then(|d| d.introspection_endpoint)
+        else {
+            return true;
+        };
+        self.introspected
+            .get_with(token.clone(), async {
+                let resp = self
+                    .http
+                    .post(&url)
+                    .basic_auth(&self.config.client_id, Some(&self.config.client_secret))
+                    .form(&[("token", &**token), ("token_type_hint", "access_token")])
+                    .send()
+                    .await;
+                match resp {
+                    Ok(r) if r.status().is_success() => r
+                        .json::<Value>()
+                        .await
+                        .ok()
+                        .and_then(|v| v.get("active").and_then(Value::as_bool))
+                        .unwrap_or(true),
+                    _ => true,
+                }
+            })
+            .await
+    }
+
+    /// Drops a session and returns where to send the browser for the realm's logout (RP-initiated logout).
+    pub async fn logout(&self, sid: &str) -> (Option<StoredSession>, Option<String>) {
+        let stored = self.store.remove(sid).await;
+        let end = self
+            .realm
+            .discovery()
+            .and_then(|d| d.end_session_endpoint)
+            .and_then(|e| url::Url::parse(&e).ok())
+            .map(|mut url| {
+                {
+                    let mut q = url.query_pairs_mut();
+                    q.append_pair("client_id", &self.config.client_id);
+                    if let Some(id) = stored.as_ref().and_then(|s| s.id_token.as_deref()) {
+                        q.append_pair("id_token_hint", id);
+                    }
+                    if !self.config.post_logout_redirect_uri.is_empty() {
+                        q.append_pair(
+                            "post_logout_redirect_uri",
+                            &self.config.post_logout_redirect_uri,
+                        );
+                    }
+                }
+                url.to_string()
+            });
+        if let Some(s) = &stored {
+            tracing::info!(user = %s.user.id, "logged out");
+        }
+        (stored, end)
+    }
+
+    /// OpenID Connect Back-Channel Logout 1.0: verifies the logout token and drops the sessions it names. Returns
+    /// the dropped sessions (id and tokens) so their tabs can be closed.
+    pub async fn backchannel_logout(
+        &self,
+        logout_token: &str,
+    ) -> Result<Vec<(String, StoredSession)>, CustodyError> {
+        #[derive(Deserialize)]
+        struct LogoutClaims {
+            iat: Option<u64>,
+            jti: Option<String>,
+            sid: Option<String>,
+            sub: Option<String>,
+            events: Option<serde_json::Map<String, Value>>,
+            nonce: Option<Value>,
+        }
+        const EVENT: &str = "http://schemas.openid.net/event/backchannel-logout";
+        let client_id = self.config.client_id.clone();
+        let claims: LogoutClaims = self
+            .realm
+            .verify_jwt(logout_token, |v| {
+                v.set_required_spec_claims(&["iss", "aud"]);
+                v.validate_exp = false;
+                v.validate_aud = true;
+                v.set_audience(&[client_id.as_str()]);
+            })
+            .await
+            .map_err(|e| {
+                CustodyError::BadLogoutToken(match e {
+                    AuthError::Invalid(why) => why,
+                    _ => "cannot be verified now",
+                })
+            })?;
+        let now = now_unix();
+        let max_age = self.config.logout_token_max_age_ms.div_ceil(1000);
+        let leeway = self.realm.config().leeway_secs;
+        match claims.iat {
+            None => return Err(CustodyError::BadLogoutToken("missing iat")),
+            Some(iat) if iat > now + leeway || now.saturating_sub(iat) > max_age => {
+                return Err(CustodyError::BadLogoutToken("iat out of range"))
+            }
+            Some(_) => {}
+        }
+        if claims.nonce.is_some() {
+            return Err(CustodyError::BadLogoutToken(
+                "a logout token must not carry a nonce",
+            ));
+        }
+        if !claims
+            .events
+            .as_ref()
+            .is_some_and(|e| e.contains_key(EVENT))
+        {
+            return Err(CustodyError::BadLogoutToken(
+                "missing the back-channel logout event",
+            ));
+        }
+        if claims.sid.is_none() && claims.sub.is_none() {
+            return Err(CustodyError::BadLogoutToken("neither sid nor sub"));
+        }
+        let jti = claims
+            .jti
+            .ok_or(CustodyError::BadLogoutToken("missing jti"))?;
+        let entry = self.seen_jti.entry(jti).or_insert(()).await;
+        if !entry.is_fresh() {
+            return Err(CustodyError::BadLogoutToken("replayed (jti already seen)"));
+        }
+        let mut dropped = Vec::new();
+        for sid in self
+            .store
+            .find(claims.sid.as_deref(), claims.sub.as_deref())
+            .await
+        {
+            if let Some(s) = self.store.remove(&sid).await {
+                dropped.push((sid, s));
+            }
+        }
+        tracing::info!(sessions = dropped.len(), "back-channel logout");
+        Ok(dropped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn custody(origins: &[&str]) -> Custody {
+        let mut c = Config::default();
+        c.origins.allowed = origins.iter().map(|s| s.to_string()).collect();
+        let realm = Realm::new(c.auth.clone());
+        Custody::new(&c, realm, Arc::new(Metrics::default()))
+    }
+
+    #[test]
+    fn redirects_are_relative_or_allowed() {
+        let c = custody(&["https://renku.example"]);
+        assert_eq!(c.check_redirect(None).unwrap(), "/");
+        assert_eq!(
+            c.check_redirect(Some("/projects?x=1")).unwrap(),
+            "/projects?x=1"
+        );
+        assert!(c.check_redirect(Some("https://renku.example/p")).is_ok());
+        for bad in [
+            "//evil.example/x",
+            "https://evil.example/",
+            "https://renku.example.evil.example/",
+            "/\\evil.example",
+            "javascript:alert(1)",
+            "http://renku.example/",
+        ] {
+            assert_eq!(
+                c.check_redirect(Some(bad)),
+                Err(CustodyError::BadRedirect),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn session_ids_are_long_and_distinct() {
+        let (a, b) = (new_session_id(), new_session_id());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 43);
+    }
+}

@@ -1,0 +1,241 @@
+//! The login routes. Every failure is a JSON error (or, for the browser-facing login and callback, a short page),
+//! never a panic, never a token.
+
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Form, Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{Custody, CustodyError};
+use crate::app::App;
+use crate::auth::credential;
+use crate::close_codes;
+
+/// `/auth/*` routes (present only when custody is enabled).
+pub fn router() -> Router<Arc<App>> {
+    Router::new()
+        .route("/auth/login", get(login))
+        .route("/auth/callback", get(callback))
+        .route("/auth/me", get(me))
+        .route("/auth/logout", post(logout))
+        .route("/auth/backchannel-logout", post(backchannel_logout))
+}
+
+fn custody(app: &App) -> Result<&Arc<Custody>, Response> {
+    app.custody
+        .as_ref()
+        .ok_or_else(|| json_error(StatusCode::NOT_FOUND, "token custody is not enabled"))
+}
+
+fn json_error(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({ "error": message }))).into_response()
+}
+
+fn page(status: StatusCode, title: &str, message: &str) -> Response {
+    let esc = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+    };
+    (
+        status,
+        Html(format!(
+            "<!doctype html><meta charset=utf-8><title>{t}</title><h1>{t}</h1><p>{m}</p><p><a href=\"/auth/login\">Log in again</a></p>",
+            t = esc(title),
+            m = esc(message)
+        )),
+    )
+        .into_response()
+}
+
+fn redirect(to: &str) -> Response {
+    let mut r = StatusCode::FOUND.into_response();
+    if let Ok(v) = HeaderValue::from_str(to) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// The session cookie, set or cleared.
+fn cookie(c: &Custody, value: &str, max_age_secs: u64) -> HeaderValue {
+    let cfg = c.config();
+    let secure = if cfg.cookie_secure { "; Secure" } else { "" };
+    HeaderValue::from_str(&format!(
+        "{}={value}; Path={}; Max-Age={max_age_secs}; HttpOnly; SameSite=Lax{secure}",
+        cfg.cookie_name, cfg.cookie_path
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+#[derive(Deserialize)]
+struct LoginQuery {
+    redirect: Option<String>,
+}
+
+async fn login(State(app): State<Arc<App>>, Query(q): Query<LoginQuery>) -> Response {
+    let c = match custody(&app) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    match c.login_url(q.redirect.as_deref()).await {
+        Ok(url) => redirect(&url),
+        Err(CustodyError::BadRedirect) => json_error(
+            StatusCode::BAD_REQUEST,
+            &CustodyError::BadRedirect.to_string(),
+        ),
+        Err(e) => page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Login unavailable",
+            &e.to_string(),
+        ),
+    }
+}
+
+#[derive(Deserialize)]
+struct CallbackQuery {
+    code: Option<String>,
+    state: Option<String>,
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+async fn callback(State(app): State<Arc<App>>, Query(q): Query<CallbackQuery>) -> Response {
+    let c = match custody(&app) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    if let Some(e) = q.error {
+        let why = q.error_description.unwrap_or(e);
+        return page(StatusCode::BAD_REQUEST, "Login refused", &why);
+    }
+    let (Some(code), Some(state)) = (q.code, q.state) else {
+        return page(
+            StatusCode::BAD_REQUEST,
+            "Login failed",
+            "the callback needs code and state",
+        );
+    };
+    match c.callback(&code, &state).await {
+        Ok((sid, stored, to)) => {
+            let max_age = stored
+                .refresh_expires
+                .saturating_duration_since(std::time::Instant::now())
+                .as_secs();
+            let mut r = redirect(&to);
+            r.headers_mut()
+                .insert(header::SET_COOKIE, cookie(c, &sid, max_age));
+            r
+        }
+        Err(e @ CustodyError::UnknownState) => {
+            page(StatusCode::BAD_REQUEST, "Login expired", &e.to_string())
+        }
+        Err(e) => page(StatusCode::BAD_GATEWAY, "Login failed", &e.to_string()),
+    }
+}
+
+fn session_id(c: &Custody, headers: &HeaderMap) -> Option<String> {
+    credential::cookie(headers, &c.config().cookie_name)
+}
+
+async fn me(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let c = match custody(&app) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let Some(sid) = session_id(c, &headers) else {
+        return json_error(StatusCode::UNAUTHORIZED, "not logged in");
+    };
+    match c.store().get(&sid).await {
+        Some(s) => {
+            let tabs = app
+                .hub
+                .get(&s.user.id)
+                .map(|session| session.tab_count())
+                .unwrap_or(0);
+            Json(json!({
+                "user": {"id": s.user.id, "name": s.user.name},
+                "tabs": tabs,
+                "instance": app.instance,
+            }))
+            .into_response()
+        }
+        None => json_error(StatusCode::UNAUTHORIZED, "not logged in"),
+    }
+}
+
+/// Drops the server-side session, closes its tabs with "logged out", and returns the realm's end-session URL.
+async fn logout(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let c = match custody(&app) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    // SameSite=Lax already keeps cross-site POSTs from carrying the cookie; an explicit foreign Origin is refused too.
+    if let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) {
+        if !crate::handshake::origin_allowed(&app, origin) {
+            return json_error(StatusCode::FORBIDDEN, "origin not allowed");
+        }
+    }
+    let Some(sid) = session_id(c, &headers) else {
+        return json_error(StatusCode::UNAUTHORIZED, "not logged in");
+    };
+    let (stored, end) = c.logout(&sid).await;
+    if let Some(s) = &stored {
+        close_tabs_of(&app, &s.user.id, &sid);
+    }
+    let mut r = Json(json!({"loggedOut": stored.is_some(), "logoutUrl": end})).into_response();
+    r.headers_mut().insert(header::SET_COOKIE, cookie(c, "", 0));
+    r
+}
+
+fn close_tabs_of(app: &App, user: &str, sid: &str) {
+    if let Some(session) = app.hub.get(user) {
+        session.close_source(
+            sid,
+            "error",
+            serde_json::json!({"message": "You have been logged out.", "loggedOut": true}),
+            close_codes::LOGGED_OUT,
+        );
+    }
+}
+
+#[derive(Deserialize)]
+struct LogoutForm {
+    logout_token: Option<String>,
+}
+
+async fn backchannel_logout(
+    State(app): State<Arc<App>>,
+    form: Result<Form<LogoutForm>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    let c = match custody(&app) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let Some(token) = form.ok().and_then(|f| f.0.logout_token) else {
+        return json_error(StatusCode::BAD_REQUEST, "missing logout_token");
+    };
+    match c.backchannel_logout(&token).await {
+        Ok(dropped) => {
+            for (sid, s) in &dropped {
+                close_tabs_of(&app, &s.user.id, sid);
+            }
+            let mut r = StatusCode::OK.into_response();
+            r.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            r
+        }
+        Err(e) => {
+            let mut r = json_error(StatusCode::BAD_REQUEST, &e.to_string());
+            r.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            r
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! Where the server keeps browser sessions' tokens. In memory for now (moka, each entry expiring with its refresh
+//! token); the [`TokenStore`] trait is the seam for a shared store (multi-instance failover).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tabhub_commands::{BoxFuture, User};
+
+/// One browser session's tokens. Never logged; `Debug` hides the secrets.
+#[derive(Clone)]
+pub struct StoredSession {
+    pub user: User,
+    /// Keycloak's session id (`sid`), for back-channel logout.
+    pub kc_sid: Option<String>,
+    pub access_token: Arc<str>,
+    /// Access-token expiry, seconds since the Unix epoch.
+    pub access_exp: u64,
+    pub refresh_token: Arc<str>,
+    /// When the refresh token stops working (and the entry is dropped).
+    pub refresh_expires: Instant,
+    /// For the end-session endpoint's `id_token_hint`.
+    pub id_token: Option<Arc<str>>,
+}
+
+impl std::fmt::Debug for StoredSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredSession")
+            .field("user", &self.user.id)
+            .field("access_exp", &self.access_exp)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Storage of browser sessions by session id (the cookie's value).
+pub trait TokenStore: Send + Sync {
+    fn get<'a>(&'a self, sid: &'a str) -> BoxFuture<'a, Option<StoredSession>>;
+    fn put<'a>(&'a self, sid: &'a str, session: StoredSession) -> BoxFuture<'a, ()>;
+    fn remove<'a>(&'a self, sid: &'a str) -> BoxFuture<'a, Option<StoredSession>>;
+    /// Session ids whose Keycloak session id or user matches (back-channel logout).
+    fn find<'a>(
+        &'a self,
+        kc_sid: Option<&'a str>,
+        sub: Option<&'a str>,
+    ) -> BoxFuture<'a, Vec<String>>;
+}
+
+/// Back-channel logout: with a Keycloak session id, that session (of that user, if `sub` is given too); with only
+/// `sub`, every session of the user.
+pub fn matches_logout(s: &StoredSession, kc_sid: Option<&str>, sub: Option<&str>) -> bool {
+    match (kc_sid, sub) {
+        (Some(k), sub) => s.kc_sid.as_deref() == Some(k) && sub.is_none_or(|u| s.user.id == u),
+        (None, Some(u)) => s.user.id == u,
+        (None, None) => false,
+    }
+}
+
+/// Entries expire at their refresh token's expiry.
+struct RefreshExpiry;
+
+impl moka::Expiry<String, StoredSession> for RefreshExpiry {
+    fn expire_after_create(&self, _: &String, v: &StoredSession, now: Instant) -> Option<Duration> {
+        Some(v.refresh_expires.saturating_duration_since(now))
+    }
+    fn expire_after_update(
+        &self,
+        _: &String,
+        v: &StoredSession,
+        now: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(v.refresh_expires.saturating_duration_since(now))
+    }
+}
+
+/// The in-memory store.
+pub struct MemoryStore {
+    cache: moka::future::Cache<String, StoredSession>,
+}
+
+impl MemoryStore {
+    pub fn new(max_sessions: u64) -> Self {
+        MemoryStore {
+            cache: moka::future::Cache::builder()
+                .max_capacity(max_sessions)
+                .expire_after(RefreshExpiry)
+                .build(),
+        }
+    }
+}
+
+impl TokenStore for MemoryStore {
+    fn get<'a>(&'a self, sid: &'a str) -> BoxFuture<'a, Option<StoredSession>> {
+        Box::pin(self.cache.get(sid))
+    }
+    fn put<'a>(&'a self, sid: &'a str, session: StoredSession) -> BoxFuture<'a, ()> {
+        Box::pin(self.cache.insert(sid.to_owned(), session))
+    }
+    fn remove<'a>(&'a self, sid: &'a str) -> BoxFuture<'a, Option<StoredSession>> {
+        Box::pin(self.cache.remove(sid))
+    }
+    fn find<'a>(
+        &'a self,
+        kc_sid: Option<&'a str>,
+        sub: Option<&'a str>,
+    ) -> BoxFuture<'a, Vec<String>> {
+        Box::pin(async move {
+            self.cache
+                .iter()
+                .filter(|(_, s)| matches_logout(s, kc_sid, sub))
+                .map(|(k, _)| (*k).clone())
+                .collect()
+        })
+    }
+}
