@@ -1,9 +1,11 @@
 //! `tabhub demo`: everything on one listener, nothing else to run. FOR DEVELOPMENT ONLY.
 //!
 //! - [`issuer`]: a development issuer shaped like a Keycloak realm at `/realms/demo`;
+//! - [`gitlab`]: a fixture GitLab streaming project events over SSE, with knobs to make it misbehave;
 //!
 //! The same fixture servers serve the integration tests.
 
+pub mod gitlab;
 pub mod issuer;
 
 use std::net::SocketAddr;
