@@ -153,19 +153,27 @@ impl Context for TabContext<'_> {
 
     fn subscribe(
         &self,
-        _topic: &Topic,
-        _last_event_id: Option<&str>,
+        topic: &Topic,
+        last_event_id: Option<&str>,
+        ack: &(dyn Fn(bool) -> Option<Notification> + Sync),
     ) -> Result<bool, CommandError> {
-        Err(CommandError::failed(
-            "subscriptions are not available on this server",
-        ))
+        if self.app.config.gitlab.url.is_empty() {
+            return Err(CommandError::failed(format!(
+                "{topic}: subscriptions are not configured on this server (gitlab.url)"
+            )));
+        }
+        self.session
+            .subscribe(self.tab, topic, last_event_id, |added| {
+                ack(added).map(|n| protocol::encode(&n.kind, &n.data, self.id))
+            })
+            .map_err(|e| CommandError::failed(format!("{topic}: {e}")))
     }
 
-    fn unsubscribe(&self, _topic: &Topic) -> bool {
-        false
+    fn unsubscribe(&self, topic: &Topic) -> bool {
+        self.session.unsubscribe(self.tab, topic)
     }
 
     fn subscriptions(&self) -> Vec<Topic> {
-        Vec::new()
+        self.session.topics_of(self.tab)
     }
 }

@@ -21,6 +21,7 @@ use crate::protocol;
 use crate::subscriptions::{Action, Limits, SubscribeError, Subscriptions};
 use crate::tab::Tab;
 use tabhub_commands::Topic;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// One registered loop function.
 struct LoopSlot {
@@ -392,13 +393,15 @@ impl Session {
         }
     }
 
-    /// Subscribes `tab` to `topic`, resuming after `last_event_id` when given. Events the tab missed that are still
-    /// in the replay buffer are queued to it before any live event (both under the session's lock).
+    /// Subscribes `tab` to `topic`, resuming after `last_event_id` when given. Under the session's lock, so that no
+    /// live event can come between: the acknowledgement `ack(added)` is queued first, then the events the tab
+    /// missed that are still in the replay buffer.
     pub fn subscribe(
         self: &Arc<Self>,
         tab: &Tab,
         topic: &Topic,
         last_event_id: Option<&str>,
+        ack: impl FnOnce(bool) -> Option<Utf8Bytes>,
     ) -> Result<bool, SubscribeError> {
         let limits = self.sub_limits();
         let mut inner = self.lock();
@@ -406,6 +409,9 @@ impl Session {
             return Ok(false);
         }
         let (added, replay, action) = inner.subs.subscribe(tab.id, topic, last_event_id, limits)?;
+        if let Some(msg) = ack(added) {
+            tab.send(msg);
+        }
         for msg in replay {
             tab.send(msg);
         }

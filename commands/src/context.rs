@@ -103,8 +103,14 @@ pub trait Context: LoopContext {
     fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Value, CommandError>>;
 
     /// Subscribes this tab to `topic`; `last_event_id` resumes after that event. Returns false when the tab already
-    /// held the topic.
-    fn subscribe(&self, topic: &Topic, last_event_id: Option<&str>) -> Result<bool, CommandError>;
+    /// held the topic. `ack(added)` builds the reply, which the engine queues to the tab atomically with the
+    /// registration and before any replayed or live event of the topic.
+    fn subscribe(
+        &self,
+        topic: &Topic,
+        last_event_id: Option<&str>,
+        ack: &(dyn Fn(bool) -> Option<Notification> + Sync),
+    ) -> Result<bool, CommandError>;
     /// Releases this tab's hold on `topic`. Returns false when the tab did not hold it.
     fn unsubscribe(&self, topic: &Topic) -> bool;
     /// The topics this tab holds.

@@ -29,6 +29,7 @@ pub fn config(addr: SocketAddr) -> Config {
     };
     c.auth.issuer = format!("{base}/realms/demo");
     c.auth.client_ids = vec![CLIENT_ID.into()];
+    c.gitlab.url = base.clone();
     c.origins.allowed = vec![base, format!("http://localhost:{}", addr.port())];
     c.origins.allow_missing = true;
     c.commands.insert(
@@ -36,6 +37,16 @@ pub fn config(addr: SocketAddr) -> Config {
         toml::Value::String(env!("CARGO_PKG_VERSION").into()),
     );
     c
+}
+
+/// The projects the demo's fixture GitLab emits events on.
+pub const DEMO_PROJECTS: &[&str] = &["1", "2", "3"];
+
+/// Starts the demo's fixture GitLab (events on [`DEMO_PROJECTS`] every second or two) and returns its routes.
+pub fn gitlab_router() -> axum::Router {
+    let g = gitlab::FixtureGitlab::new(gitlab::GitlabOptions::default());
+    g.start_demo_ticker(DEMO_PROJECTS);
+    g.router()
 }
 
 /// The base URL clients use for a listener at `addr`.

@@ -85,3 +85,44 @@ pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 pub fn ws_url(t: &Running) -> String {
     format!("ws://{}/ws", t.local_addr())
 }
+
+/// Serves a fixture GitLab on 127.0.0.1; returns it and its base URL.
+pub async fn gitlab(
+    heartbeat_ms: u64,
+) -> (std::sync::Arc<tabhub::demo::gitlab::FixtureGitlab>, String) {
+    let g = tabhub::demo::gitlab::FixtureGitlab::new(tabhub::demo::gitlab::GitlabOptions {
+        heartbeat_ms,
+        log_capacity: 1000,
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let router = g.router();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    (g, base)
+}
+
+/// A test configuration with subscriptions to the fixture GitLab at `base`.
+pub fn config_with_gitlab(kc: &Keycloak, base: &str) -> Config {
+    let mut c = config(kc);
+    c.gitlab.url = base.to_owned();
+    c.gitlab.stall_timeout_ms = 1_000;
+    c.gitlab.reconnect_initial_ms = 50;
+    c.gitlab.reconnect_max_ms = 200;
+    c
+}
+
+/// Polls an async condition until it holds (bounded by [`WAIT`]).
+pub async fn eventually_async<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -55,7 +55,7 @@ impl Command for SetSubscriptions {
             let mut added = Vec::new();
             let mut failed = Vec::new();
             for t in wanted.difference(&current) {
-                match ctx.subscribe(t, None) {
+                match ctx.subscribe(t, None, &|_| None) {
                     Ok(true) => added.push(t.to_string()),
                     Ok(false) => {}
                     Err(e) => failed.push(json!({"topic": t.to_string(), "message": e.message()})),

@@ -1,13 +1,14 @@
 //! `subscribe {topic, lastEventId?}`: the tab receives the events of `topic` (`/project/<id>/<eventType>`) as
 //! `event {topic, eventType, id, payload}`. With `lastEventId`, it first receives what it missed after that event
 //! (from the session's replay buffer, or from GitLab), so a tab that reconnects, even to another instance, misses
-//! nothing. Replies `subscribed {topic, added}` (`added` is false when the tab already held the topic).
+//! nothing. Replies `subscribed {topic, added}` (`added` is false when the tab already held the topic), always before
+//! the topic's first event.
 
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::command::{BoxFuture, Command, CommandError};
-use crate::context::Context;
+use crate::context::{Context, Notification};
 use crate::topic::Topic;
 
 pub struct Subscribe;
@@ -35,11 +36,13 @@ impl Command for Subscribe {
     ) -> BoxFuture<'a, Result<(), CommandError>> {
         Box::pin(async move {
             let topic = Topic::parse(&p.topic).map_err(CommandError::BadParams)?;
-            let added = ctx.subscribe(&topic, p.last_event_id.as_deref())?;
-            ctx.reply(
-                "subscribed",
-                json!({"topic": topic.to_string(), "added": added}),
-            );
+            let name = topic.to_string();
+            ctx.subscribe(&topic, p.last_event_id.as_deref(), &|added| {
+                Some(Notification::new(
+                    "subscribed",
+                    json!({"topic": name, "added": added}),
+                ))
+            })?;
             Ok(())
         })
     }
