@@ -26,10 +26,8 @@ pub fn router() -> Router<Arc<App>> {
         .route("/auth/backchannel-logout", post(backchannel_logout))
 }
 
-fn custody(app: &App) -> Result<&Arc<Custody>, Response> {
-    app.custody
-        .as_ref()
-        .ok_or_else(|| json_error(StatusCode::NOT_FOUND, "token custody is not enabled"))
+fn not_enabled() -> Response {
+    json_error(StatusCode::NOT_FOUND, "token custody is not enabled")
 }
 
 fn json_error(status: StatusCode, message: &str) -> Response {
@@ -80,9 +78,8 @@ struct LoginQuery {
 }
 
 async fn login(State(app): State<Arc<App>>, Query(q): Query<LoginQuery>) -> Response {
-    let c = match custody(&app) {
-        Ok(c) => c,
-        Err(r) => return r,
+    let Some(c) = app.custody.as_ref() else {
+        return not_enabled();
     };
     match c.login_url(q.redirect.as_deref()).await {
         Ok(url) => redirect(&url),
@@ -107,9 +104,8 @@ struct CallbackQuery {
 }
 
 async fn callback(State(app): State<Arc<App>>, Query(q): Query<CallbackQuery>) -> Response {
-    let c = match custody(&app) {
-        Ok(c) => c,
-        Err(r) => return r,
+    let Some(c) = app.custody.as_ref() else {
+        return not_enabled();
     };
     if let Some(e) = q.error {
         let why = q.error_description.unwrap_or(e);
@@ -145,9 +141,8 @@ fn session_id(c: &Custody, headers: &HeaderMap) -> Option<String> {
 }
 
 async fn me(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    let c = match custody(&app) {
-        Ok(c) => c,
-        Err(r) => return r,
+    let Some(c) = app.custody.as_ref() else {
+        return not_enabled();
     };
     let Some(sid) = session_id(c, &headers) else {
         return json_error(StatusCode::UNAUTHORIZED, "not logged in");
@@ -172,9 +167,8 @@ async fn me(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
 
 /// Drops the server-side session, closes its tabs with "logged out", and returns the realm's end-session URL.
 async fn logout(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    let c = match custody(&app) {
-        Ok(c) => c,
-        Err(r) => return r,
+    let Some(c) = app.custody.as_ref() else {
+        return not_enabled();
     };
     // SameSite=Lax already keeps cross-site POSTs from carrying the cookie; an explicit foreign Origin is refused too.
     if let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) {
@@ -214,9 +208,8 @@ async fn backchannel_logout(
     State(app): State<Arc<App>>,
     form: Result<Form<LogoutForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {
-    let c = match custody(&app) {
-        Ok(c) => c,
-        Err(r) => return r,
+    let Some(c) = app.custody.as_ref() else {
+        return not_enabled();
     };
     let Some(token) = form.ok().and_then(|f| f.0.logout_token) else {
         return json_error(StatusCode::BAD_REQUEST, "missing logout_token");
