@@ -1,6 +1,6 @@
 //! The application state shared by every request, tab and session.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
@@ -28,6 +28,10 @@ pub struct App {
     /// Shown in `init`; distinguishes instances behind a load balancer.
     pub instance: String,
     pub metrics: Arc<Metrics>,
+    /// Upgrade rate per client address.
+    pub upgrades: crate::rate::PerAddress,
+    /// Open tabs, reserved before joining so that `limits.max_connections` holds under concurrency.
+    open_tabs: AtomicUsize,
     next_tab: AtomicU64,
     draining: AtomicBool,
 }
@@ -62,6 +66,11 @@ impl App {
             settings,
             instance,
             metrics,
+            upgrades: crate::rate::PerAddress::new(
+                config.limits.upgrades_per_second_per_address,
+                config.limits.upgrades_burst,
+            ),
+            open_tabs: AtomicUsize::new(0),
             next_tab: AtomicU64::new(1),
             draining: AtomicBool::new(false),
             config,
@@ -70,6 +79,23 @@ impl App {
 
     pub fn next_tab_id(&self) -> u64 {
         self.next_tab.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Reserves a place for a tab under `limits.max_connections`.
+    pub fn reserve_tab(&self) -> bool {
+        let max = self.config.limits.max_connections;
+        let reserved = self.open_tabs.fetch_add(1, Ordering::AcqRel) + 1;
+        if max > 0 && reserved > max {
+            self.open_tabs.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        self.metrics.tabs.inc();
+        true
+    }
+
+    pub fn release_tab(&self) {
+        self.open_tabs.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.tabs.dec();
     }
 
     pub fn is_draining(&self) -> bool {

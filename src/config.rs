@@ -28,6 +28,7 @@ pub struct Config {
     pub session: SessionConfig,
     pub backend: BackendConfig,
     pub limits: LimitsConfig,
+    pub drain: DrainConfig,
     pub gitlab: GitlabConfig,
     pub custody: CustodyConfig,
     /// Backends the loop functions call as the user: name -> base URL (for example `gateway`).
@@ -212,17 +213,62 @@ impl Default for GitlabConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
+    /// Open tabs on this instance; one more is upgraded, told `error {overloaded: true}` and closed with 1013
+    /// (0: unlimited).
+    pub max_connections: usize,
     /// Open tabs per user on this instance; one more is closed with 4029 (0: unlimited).
     pub max_tabs_per_user: usize,
     /// Longest a command's handler may run before the tab gets an error.
     pub command_timeout_ms: u64,
+    /// Commands per second per tab (a token bucket of `commands_burst`). A command over the rate gets
+    /// `error {rateLimited: true}`; `rate_limit_strikes` refused commands in a row close the tab with 4008.
+    pub commands_per_second: f64,
+    pub commands_burst: f64,
+    pub rate_limit_strikes: u32,
+    /// Websocket upgrades per second from one address (token bucket of `upgrades_burst`); beyond: HTTP 429.
+    pub upgrades_per_second_per_address: f64,
+    pub upgrades_burst: f64,
+    /// Take the client address from the last `X-Forwarded-For` entry (the one the load balancer in front of
+    /// tabhub appended). Only behind a trusted proxy: otherwise anyone could pick their address.
+    pub trust_forwarded_for: bool,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
+            max_connections: 20_000,
             max_tabs_per_user: 100,
             command_timeout_ms: 30_000,
+            commands_per_second: 20.0,
+            commands_burst: 40.0,
+            rate_limit_strikes: 20,
+            upgrades_per_second_per_address: 50.0,
+            upgrades_burst: 100.0,
+            trust_forwarded_for: false,
+        }
+    }
+}
+
+/// Graceful drain on SIGTERM or SIGINT.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DrainConfig {
+    /// Time between `/readyz` turning 503 (and upgrades being refused) and the first tab closing: for the load
+    /// balancer to notice.
+    pub delay_ms: u64,
+    /// Tabs are closed with 1012 at random moments over this window, so that clients do not all reconnect in the
+    /// same second.
+    pub window_ms: u64,
+    /// After the window, whatever is left is stopped and the process exits within this grace.
+    pub grace_ms: u64,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        DrainConfig {
+            delay_ms: 5_000,
+            window_ms: 10_000,
+            grace_ms: 3_000,
         }
     }
 }
@@ -252,6 +298,7 @@ impl Default for Config {
             session: SessionConfig::default(),
             backend: BackendConfig::default(),
             limits: LimitsConfig::default(),
+            drain: DrainConfig::default(),
             gitlab: GitlabConfig::default(),
             custody: CustodyConfig::default(),
             backends: BTreeMap::new(),
@@ -480,6 +527,20 @@ impl Config {
                 "backend.timeout_ms",
                 "must be shorter than session.short_interval_ms",
             ));
+        }
+        let l = &self.limits;
+        for (key, v) in [
+            ("limits.commands_per_second", l.commands_per_second),
+            ("limits.commands_burst", l.commands_burst),
+            (
+                "limits.upgrades_per_second_per_address",
+                l.upgrades_per_second_per_address,
+            ),
+            ("limits.upgrades_burst", l.upgrades_burst),
+        ] {
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(key_error(key, "must be a positive number"));
+            }
         }
         let g = &self.gitlab;
         if !g.url.is_empty() {

@@ -17,6 +17,7 @@ use crate::auth::{AuthError, Verified};
 use crate::close_codes;
 use crate::context::TabContext;
 use crate::protocol;
+use crate::rate::Bucket;
 use crate::session::{AttachError, Session};
 use crate::tab::{self, Keepalive, Tab};
 
@@ -64,6 +65,16 @@ pub async fn run<S>(
         }),
         None,
     ));
+    if !app.reserve_tab() {
+        tab.send(protocol::encode(
+            "error",
+            &json!({"message": "The server is at capacity; retry later.", "overloaded": true}),
+            None,
+        ));
+        tab.close(close_codes::TRY_AGAIN_LATER, "overloaded");
+        finish(&app, &tab, writer).await;
+        return;
+    }
     let session = match app.hub.join(&app, &verified, &tab) {
         Ok(s) => s,
         Err(AttachError::TooManyTabs | AttachError::Stopped) => {
@@ -73,19 +84,19 @@ pub async fn run<S>(
                 None,
             ));
             tab.close(close_codes::TOO_MANY_TABS, "too many tabs");
+            app.release_tab();
             finish(&app, &tab, writer).await;
             return;
         }
     };
     drop(_entered);
-    app.metrics.tabs.inc();
     tracing::debug!(parent: &span, %peer, "tab joined");
 
     read_loop(&app, &session, &tab, &mut stream).await;
 
     tab.close(close_codes::NORMAL, "");
     app.hub.leave(&app, &session, tab.id);
-    app.metrics.tabs.dec();
+    app.release_tab();
     finish(&app, &tab, writer).await;
     tracing::debug!(parent: &span, "tab left");
 }
@@ -94,11 +105,11 @@ pub async fn run<S>(
 fn refuse(tab: &Tab, e: &AuthError) {
     let message = e.to_string();
     let (data, code) = match e {
-        AuthError::Missing => (
+        AuthError::Missing | AuthError::NoSession => (
             json!({"message": message, "missingAuth": true}),
             close_codes::MISSING_AUTH,
         ),
-        AuthError::Expired => (
+        AuthError::Expired | AuthError::Revoked => (
             json!({"message": message, "authExpired": true}),
             close_codes::TOKEN_EXPIRED,
         ),
@@ -128,7 +139,10 @@ async fn read_loop<S>(app: &Arc<App>, session: &Arc<Session>, tab: &Arc<Tab>, st
 where
     S: Stream<Item = Result<Message, WsError>> + Unpin,
 {
-    let command_timeout = Duration::from_millis(app.config.limits.command_timeout_ms);
+    let limits = &app.config.limits;
+    let command_timeout = Duration::from_millis(limits.command_timeout_ms);
+    let mut bucket = Bucket::new(limits.commands_per_second, limits.commands_burst);
+    let mut strikes = 0u32;
     loop {
         let frame = tokio::select! {
             biased;
@@ -145,6 +159,29 @@ where
             Some(Ok(m)) => m,
         };
         tab.touch();
+        if matches!(msg, Message::Text(_) | Message::Binary(_)) {
+            if !bucket.take() {
+                strikes += 1;
+                app.metrics.commands.inc(&["(any)", "rate_limited"]);
+                if strikes >= limits.rate_limit_strikes {
+                    tab.close(close_codes::RATE_LIMITED, "too many commands");
+                    return;
+                }
+                tab.send(protocol::encode(
+                    "error",
+                    &json!({
+                        "message": format!(
+                            "rate limit: at most {} commands per second; this one was dropped",
+                            limits.commands_per_second
+                        ),
+                        "rateLimited": true,
+                    }),
+                    None,
+                ));
+                continue;
+            }
+            strikes = 0;
+        }
         match msg {
             Message::Text(text) => {
                 tokio::select! {

@@ -21,7 +21,8 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::app::App;
 use crate::auth::credential::{self, Source};
-use crate::auth::AuthError;
+use crate::auth::{AuthError, Verified};
+use crate::custody::CustodyError;
 
 /// A JSON error answer before any upgrade.
 pub fn json_error(status: StatusCode, message: &str) -> Response {
@@ -35,6 +36,45 @@ fn header_has(headers: &HeaderMap, name: header::HeaderName, token: &str) -> boo
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|v| v.trim().eq_ignore_ascii_case(token))
+}
+
+/// Verifies the credential: a token against the realm, or a custody session through its stored (and, when
+/// near expiry, refreshed) token; then, if configured, introspects it.
+async fn authenticate(app: &App, cred: Option<(String, Source)>) -> Result<Verified, AuthError> {
+    let verified = match (cred, &app.custody) {
+        (None, _) => return Err(AuthError::Missing),
+        (Some((sid, Source::Session)), Some(custody)) => {
+            custody.fresh_token(&sid).await.map_err(|e| match e {
+                CustodyError::NoSession => AuthError::NoSession,
+                CustodyError::Rejected => AuthError::Expired,
+                _ => AuthError::Unavailable,
+            })?
+        }
+        (Some((token, _)), _) => app.realm.verify(&token).await?,
+    };
+    if let Some(custody) = app.custody.as_ref().filter(|c| c.config().introspection) {
+        if !custody.introspect(&verified.token).await {
+            return Err(AuthError::Revoked);
+        }
+    }
+    Ok(verified)
+}
+
+/// The client's address: the peer, or behind a trusted proxy the last `X-Forwarded-For` entry.
+fn client_address(app: &App, peer: SocketAddr, headers: &HeaderMap) -> std::net::IpAddr {
+    if app.config.limits.trust_forwarded_for {
+        let last = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|a| a.trim().parse().ok())
+            .last();
+        if let Some(a) = last {
+            return a;
+        }
+    }
+    peer.ip()
 }
 
 /// Whether `origin` may open a websocket.
@@ -76,6 +116,17 @@ pub async fn upgrade(
         app.metrics.handshakes.inc(&["bad_request"]);
         return json_error(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
     };
+    let addr = client_address(&app, peer, headers);
+    if !app.upgrades.take(addr) {
+        app.metrics.handshakes.inc(&["rate_limited"]);
+        let mut r = json_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many connection attempts from this address; retry later",
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return r;
+    }
     if app.is_draining() {
         app.metrics.handshakes.inc(&["draining"]);
         return json_error(
@@ -84,8 +135,15 @@ pub async fn upgrade(
         );
     }
 
-    let cred = credential::extract(headers, &app.config.auth.token_cookie);
-    let cookie_cred = matches!(cred, Some((_, Source::Cookie)));
+    let session_cookie = app
+        .custody
+        .as_ref()
+        .map(|c| c.config().cookie_name.as_str())
+        .unwrap_or("");
+    let cred = credential::extract(headers, &app.config.auth.token_cookie, session_cookie);
+    // Cookies ride along with any cross-site request: with a cookie credential the Origin check is mandatory
+    // (cross-site websocket hijacking), whatever `origins.allow_missing` says.
+    let cookie_cred = matches!(cred, Some((_, Source::Cookie | Source::Session)));
     match headers
         .get(header::ORIGIN)
         .map(|o| o.to_str().unwrap_or(""))
@@ -102,14 +160,12 @@ pub async fn upgrade(
         }
     }
 
-    let auth = match &cred {
-        None => Err(AuthError::Missing),
-        Some((token, _)) => app.realm.verify(token).await,
-    };
+    let auth = authenticate(&app, cred).await;
     app.metrics.handshakes.inc(&[match &auth {
         Ok(_) => "ok",
-        Err(AuthError::Missing) => "missing_credential",
+        Err(AuthError::Missing | AuthError::NoSession) => "missing_credential",
         Err(AuthError::Expired) => "expired",
+        Err(AuthError::Revoked) => "revoked",
         Err(AuthError::Invalid(_)) => "invalid_token",
         Err(AuthError::Unavailable) => "unavailable",
     }]);

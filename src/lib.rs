@@ -30,6 +30,7 @@ pub mod hub;
 pub mod loops;
 pub mod metrics;
 pub mod protocol;
+pub mod rate;
 pub mod server;
 pub mod session;
 pub mod subscriptions;

@@ -107,11 +107,14 @@ async fn serve(config: Config, extra: axum::Router) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     tracing::info!(addr = %running.local_addr(), instance = %running.app().instance, "listening");
+    wait_for_signal().await?;
+    // A second signal during the drain cuts it short.
     tokio::select! {
-        r = wait_for_signal() => r?,
+        r = running.drain() => r.map_err(|e| e.to_string())?,
+        _ = wait_for_signal() => tracing::warn!("second signal: exiting without finishing the drain"),
     }
-    tracing::info!("shutting down");
-    running.shutdown().await.map_err(|e| e.to_string())
+    tracing::info!("drained; exiting");
+    Ok(())
 }
 
 async fn wait_for_signal() -> Result<(), String> {

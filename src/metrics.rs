@@ -38,6 +38,9 @@ impl Gauge {
     pub fn set(&self, v: i64) {
         self.0.store(v, Ordering::Relaxed);
     }
+    pub fn sub(&self, n: i64) {
+        self.0.fetch_sub(n, Ordering::Relaxed);
+    }
     pub fn get(&self) -> i64 {
         self.0.load(Ordering::Relaxed)
     }
@@ -97,6 +100,8 @@ pub struct Metrics {
     pub loop_errors: Family,
     pub backend_calls: Family,
     pub messages_queued: Counter,
+    /// Messages sitting in tabs' outbound queues now.
+    pub outbound_queued: Gauge,
     pub messages_delivered: Counter,
     pub messages_dropped: Counter,
     pub idle_drops: Counter,

@@ -2,6 +2,9 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
+
+use rand::seq::SliceRandom;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -43,6 +46,38 @@ impl Running {
             .stop_all(close_codes::SERVICE_RESTART, "server shutting down");
         let _ = self.stop.send(true);
         self.task.await.unwrap_or(Ok(()))
+    }
+
+    /// Graceful drain: `/readyz` turns 503 and upgrades are refused at once; after `drain.delay_ms` the tabs are
+    /// closed with 1012 at random moments spread over `drain.window_ms`; then every session (loops, upstream
+    /// streams) stops and the listener closes. Bounded by delay + window + `drain.grace_ms`.
+    pub async fn drain(self) -> std::io::Result<()> {
+        let d = &self.app.config.drain;
+        let (delay, window, grace) = (
+            Duration::from_millis(d.delay_ms),
+            Duration::from_millis(d.window_ms),
+            Duration::from_millis(d.grace_ms),
+        );
+        self.app.set_draining();
+        tracing::info!(delay_ms = d.delay_ms, window_ms = d.window_ms, "draining");
+        tokio::time::sleep(delay).await;
+        let mut tabs: Vec<_> = self.app.hub.all().iter().flat_map(|s| s.tabs()).collect();
+        tabs.shuffle(&mut rand::thread_rng());
+        let start = tokio::time::Instant::now();
+        let n = tabs.len().max(1) as u32;
+        for (i, tab) in tabs.iter().enumerate() {
+            tokio::time::sleep_until(start + window * i as u32 / n).await;
+            tab.close(close_codes::SERVICE_RESTART, "server restarting");
+        }
+        tracing::info!(tabs = tabs.len(), "drain: every tab told to reconnect");
+        self.app
+            .hub
+            .stop_all(close_codes::SERVICE_RESTART, "server restarting");
+        let _ = self.stop.send(true);
+        match tokio::time::timeout(grace, self.task).await {
+            Ok(r) => r.unwrap_or(Ok(())),
+            Err(_) => Ok(()),
+        }
     }
 
     /// Waits until the listener stops.

@@ -196,6 +196,11 @@ impl Session {
         self.lock().stopped
     }
 
+    /// The session's tabs now.
+    pub fn tabs(&self) -> Vec<Arc<Tab>> {
+        self.lock().tabs.clone()
+    }
+
     pub fn tab_count(&self) -> usize {
         self.lock().tabs.len()
     }

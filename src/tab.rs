@@ -40,6 +40,19 @@ pub struct Tab {
 /// The receiving side, owned by the writer task.
 pub struct Outbox {
     queue: mpsc::Receiver<Utf8Bytes>,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        // What the tab never got leaves the depth gauge with it.
+        self.queue.close();
+        let mut left = 0;
+        while self.queue.try_recv().is_ok() {
+            left += 1;
+        }
+        self.metrics.outbound_queued.sub(left);
+    }
 }
 
 impl Tab {
@@ -63,9 +76,9 @@ impl Tab {
             hidden: AtomicBool::new(false),
             last_seen_ms: AtomicU64::new(0),
             epoch: Instant::now(),
-            metrics,
+            metrics: metrics.clone(),
         });
-        (tab, Outbox { queue: rx })
+        (tab, Outbox { queue: rx, metrics })
     }
 
     /// Queues a message. Returns false (and closes the tab as a slow consumer) when the queue is full.
@@ -82,6 +95,7 @@ impl Tab {
             return false;
         }
         self.metrics.messages_queued.inc();
+        self.metrics.outbound_queued.inc();
         true
     }
 
@@ -220,6 +234,7 @@ where
         let mut n = 0;
         while let Some(msg) = next {
             tab.queued_bytes.fetch_sub(msg.len(), Ordering::AcqRel);
+            tab.metrics.outbound_queued.dec();
             sink.feed(Message::Text(msg)).await?;
             tab.metrics.messages_delivered.inc();
             n += 1;

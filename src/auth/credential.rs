@@ -15,12 +15,19 @@ pub const BEARER_PREFIX: &str = "tabhub.bearer.";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     Header,
+    /// The cookie holding an access token (`auth.token_cookie`).
     Cookie,
+    /// The token-custody session cookie: the value is a session id, not a token.
+    Session,
     Subprotocol,
 }
 
-/// Finds the access token of a handshake.
-pub fn extract(headers: &HeaderMap, token_cookie: &str) -> Option<(String, Source)> {
+/// Finds the credential of a handshake: an access token, or (with [`Source::Session`]) a custody session id.
+pub fn extract(
+    headers: &HeaderMap,
+    token_cookie: &str,
+    session_cookie: &str,
+) -> Option<(String, Source)> {
     if let Some(v) = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -35,6 +42,11 @@ pub fn extract(headers: &HeaderMap, token_cookie: &str) -> Option<(String, Sourc
     if !token_cookie.is_empty() {
         if let Some(t) = cookie(headers, token_cookie) {
             return Some((t, Source::Cookie));
+        }
+    }
+    if !session_cookie.is_empty() {
+        if let Some(sid) = cookie(headers, session_cookie) {
+            return Some((sid, Source::Session));
         }
     }
     subprotocols(headers)

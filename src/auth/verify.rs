@@ -39,6 +39,10 @@ pub enum AuthError {
     Invalid(&'static str),
     #[error("token expired")]
     Expired,
+    #[error("token revoked at the identity provider")]
+    Revoked,
+    #[error("unknown or expired login session: log in again")]
+    NoSession,
     #[error("the identity provider's keys are not loaded yet; try again shortly")]
     Unavailable,
 }

@@ -92,7 +92,7 @@ pub async fn gitlab(
 ) -> (std::sync::Arc<tabhub::demo::gitlab::FixtureGitlab>, String) {
     let g = tabhub::demo::gitlab::FixtureGitlab::new(tabhub::demo::gitlab::GitlabOptions {
         heartbeat_ms,
-        log_capacity: 1000,
+        log_capacity: 10_000,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
