@@ -69,7 +69,7 @@ fn client_address(app: &App, peer: SocketAddr, headers: &HeaderMap) -> std::net:
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .filter_map(|a| a.trim().parse().ok())
-            .last();
+            .next_back();
         if let Some(a) = last {
             return a;
         }

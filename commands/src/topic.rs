@@ -67,6 +67,26 @@ mod tests {
         assert!(Topic::parse("/project/group%2Fname/push").is_ok());
     }
 
+    proptest::proptest! {
+        /// Any string a peer sends is a topic that prints back to itself, or an error naming the form.
+        #[test]
+        fn any_string_parses_or_explains(s in ".{0,80}") {
+            match Topic::parse(&s) {
+                Ok(t) => proptest::prop_assert_eq!(t.to_string(), s),
+                Err(e) => proptest::prop_assert!(e.contains(TOPIC_FORM)),
+            }
+        }
+
+        #[test]
+        fn topic_shaped_strings(p in "[a-z0-9%]{0,5}", t in "[a-z_/]{0,6}") {
+            let s = format!("/project/{p}/{t}");
+            match Topic::parse(&s) {
+                Ok(topic) => proptest::prop_assert_eq!(topic.to_string(), s),
+                Err(e) => proptest::prop_assert!(e.contains(TOPIC_FORM)),
+            }
+        }
+    }
+
     #[test]
     fn refuses_malformed() {
         for bad in [

@@ -82,6 +82,7 @@ pub fn subprotocols(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 mod tests {
     use super::*;
     use axum::http::HeaderValue;
+    use proptest::prelude::*;
 
     #[test]
     fn order_and_forms() {
@@ -90,17 +91,52 @@ mod tests {
             "sec-websocket-protocol",
             HeaderValue::from_static("tabhub, tabhub.bearer.abc"),
         );
-        assert_eq!(extract(&h, ""), Some(("abc".into(), Source::Subprotocol)));
-        h.insert("cookie", HeaderValue::from_static("x=1; at=cookietok"));
         assert_eq!(
-            extract(&h, "at"),
+            extract(&h, "", ""),
+            Some(("abc".into(), Source::Subprotocol))
+        );
+        h.insert(
+            "cookie",
+            HeaderValue::from_static("x=1; sess=s1; at=cookietok"),
+        );
+        assert_eq!(
+            extract(&h, "", "sess"),
+            Some(("s1".into(), Source::Session))
+        );
+        assert_eq!(
+            extract(&h, "at", "sess"),
             Some(("cookietok".into(), Source::Cookie))
         );
-        assert_eq!(extract(&h, ""), Some(("abc".into(), Source::Subprotocol)));
+        assert_eq!(
+            extract(&h, "", ""),
+            Some(("abc".into(), Source::Subprotocol))
+        );
         h.insert("authorization", HeaderValue::from_static("Bearer hdr"));
-        assert_eq!(extract(&h, "at"), Some(("hdr".into(), Source::Header)));
+        assert_eq!(
+            extract(&h, "at", "sess"),
+            Some(("hdr".into(), Source::Header))
+        );
         let mut h = HeaderMap::new();
         h.insert("authorization", HeaderValue::from_static("Basic xyz"));
-        assert_eq!(extract(&h, ""), None);
+        assert_eq!(extract(&h, "", ""), None);
+    }
+
+    proptest! {
+        /// Any header bytes a peer can send give a credential or none, never a panic.
+        #[test]
+        fn any_headers_decode(
+            auth in proptest::collection::vec(any::<u8>(), 0..80),
+            cookie in proptest::collection::vec(any::<u8>(), 0..120),
+            proto in proptest::collection::vec(any::<u8>(), 0..120),
+        ) {
+            let mut h = HeaderMap::new();
+            for (name, bytes) in [("authorization", auth), ("cookie", cookie), ("sec-websocket-protocol", proto)] {
+                if let Ok(v) = HeaderValue::from_bytes(&bytes) {
+                    h.insert(name, v);
+                }
+            }
+            let _ = extract(&h, "at", "sess");
+            let _ = subprotocols(&h).count();
+        }
     }
 }
