@@ -129,7 +129,7 @@ async fn wait_for_signal() -> Result<(), String> {
 
 async fn run_demo(listen: SocketAddr) -> Result<(), String> {
     let base = demo::base_url(listen);
-    let issuer = demo::DevIssuer::new(&base).map_err(|e| format!("demo issuer: {e}"))?;
+    let issuer = demo::DevIssuer::demo(&base).map_err(|e| format!("demo issuer: {e}"))?;
     let config = demo::config(listen);
     eprintln!(
         "\n  tabhub demo: FOR DEVELOPMENT ONLY (public fixture keys, passwords = user names)\n\n  \

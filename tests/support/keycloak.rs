@@ -1,19 +1,26 @@
-//! A fixture Keycloak realm: Keycloak's paths and document shapes (discovery, JWKS, token endpoint), signing keys
-//! from `fixtures/keys`, and knobs for the tests (rotate keys, count requests).
+//! The fixture Keycloak realm `test`: tabhub's own fake Keycloak ([`DevIssuer`]) on a real socket, with the test
+//! users and clients, plus `mint` to forge arbitrary tokens (other keys, algorithms, claims) with the fixture keys.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::State;
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Form, Json, Router};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
+use tabhub::demo::issuer::{ClientSpec, DevIssuer, RealmOptions, UserSpec};
 
 const KEYS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/keys");
+
+/// The test users (password = user name).
+pub const USERS: &[&str] = &["alice", "bob", "erin", "mallory"];
+/// The browser client: public. Its access tokens are what tabhub's test configuration accepts.
+pub const UI_CLIENT: &str = "renku-ui";
+/// tabhub's own confidential client.
+pub const TABHUB_CLIENT: &str = "tabhub";
+pub const TABHUB_SECRET: &str = "test-secret";
+/// A service account client.
+pub const PUBLISHER_CLIENT: &str = "publisher";
+pub const PUBLISHER_SECRET: &str = "publisher-secret";
 
 fn read_key(name: &str) -> String {
     std::fs::read_to_string(format!("{KEYS}/{name}")).unwrap()
@@ -21,14 +28,9 @@ fn read_key(name: &str) -> String {
 
 pub struct Keycloak {
     pub addr: SocketAddr,
-    state: Arc<KcState>,
-}
-
-struct KcState {
-    issuer: String,
-    jwks: Mutex<String>,
-    pub jwks_fetches: AtomicUsize,
-    pub discovery_fetches: AtomicUsize,
+    realm: Arc<DevIssuer>,
+    /// The users `token` gets from the realm (all of them, when the realm has the `renku-ui` client).
+    realm_users: Vec<String>,
 }
 
 /// What a minted token says and how it is signed.
@@ -93,45 +95,84 @@ fn now() -> i64 {
         .as_secs() as i64
 }
 
+/// The options of the realm `test`.
+pub fn test_realm() -> RealmOptions {
+    RealmOptions {
+        realm: "test".into(),
+        clients: vec![
+            ClientSpec::public(UI_CLIENT, &["*"]),
+            ClientSpec::confidential(TABHUB_CLIENT, TABHUB_SECRET, &["*"]),
+            ClientSpec::service_account(PUBLISHER_CLIENT, PUBLISHER_SECRET),
+        ],
+        users: USERS
+            .iter()
+            .map(|u| UserSpec {
+                username: u.to_string(),
+                password: u.to_string(),
+                sub: sub_of(u),
+                email: format!("{u}@example.org"),
+                name: format!("{u} Tester"),
+            })
+            .collect(),
+        access_token_lifetime: Duration::from_secs(300),
+        refresh_token_lifetime: Duration::from_secs(1800),
+        auto_approve: None,
+    }
+}
+
 impl Keycloak {
     /// Starts the realm `test`, serving `jwks.json`.
     pub async fn start() -> Keycloak {
+        Keycloak::start_with(|_| {}).await
+    }
+
+    /// Starts the realm `test` with options changed by `f` (e.g. `auto_approve`, lifetimes, more clients).
+    pub async fn start_with(f: impl FnOnce(&mut RealmOptions)) -> Keycloak {
+        let mut opts = test_realm();
+        f(&mut opts);
+        let realm_users = if opts.clients.iter().any(|c| c.id == UI_CLIENT) {
+            opts.users.iter().map(|u| u.username.clone()).collect()
+        } else {
+            Vec::new()
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let state = Arc::new(KcState {
-            issuer: format!("http://{addr}/realms/test"),
-            jwks: Mutex::new(read_key("jwks.json")),
-            jwks_fetches: AtomicUsize::new(0),
-            discovery_fetches: AtomicUsize::new(0),
-        });
-        let app = Router::new()
-            .route(
-                "/realms/test/.well-known/openid-configuration",
-                get(discovery),
-            )
-            .route("/realms/test/protocol/openid-connect/certs", get(certs))
-            .route("/realms/test/protocol/openid-connect/token", post(token))
-            .with_state(state.clone());
+        let realm = DevIssuer::new(&format!("http://{addr}"), opts).unwrap();
+        let app = realm.router();
         tokio::spawn(async move { axum::serve(listener, app).await });
-        Keycloak { addr, state }
+        Keycloak {
+            addr,
+            realm,
+            realm_users,
+        }
+    }
+
+    /// The realm itself: every knob of [`DevIssuer`].
+    pub fn realm(&self) -> &Arc<DevIssuer> {
+        &self.realm
     }
 
     pub fn issuer(&self) -> String {
-        self.state.issuer.clone()
+        self.realm.issuer().to_owned()
     }
 
     /// Publishes the rotated key set (adds `fixture-rs256-b`).
     pub fn rotate_keys(&self) {
-        *self.state.jwks.lock().unwrap() = read_key("jwks-rotated.json");
+        self.realm.rotate_keys();
     }
 
     pub fn jwks_fetches(&self) -> usize {
-        self.state.jwks_fetches.load(Ordering::SeqCst)
+        self.realm.jwks_fetches()
     }
 
-    /// An access token for `user` signed with the realm's main key.
+    /// An access token for `user` from the realm, as after a login to `renku-ui` (a real session: it introspects
+    /// active until the session ends). A user not in the realm gets a forged one with the realm's main key.
     pub fn token(&self, user: &str) -> String {
-        self.mint(&TokenSpec::user(user))
+        if self.realm_users.iter().any(|u| u == user) {
+            self.realm.mint_access(user, UI_CLIENT)
+        } else {
+            self.mint(&TokenSpec::user(user))
+        }
     }
 
     /// A token as `spec` describes.
@@ -194,50 +235,4 @@ impl Keycloak {
             }
         }
     }
-}
-
-async fn discovery(State(s): State<Arc<KcState>>) -> Json<Value> {
-    s.discovery_fetches.fetch_add(1, Ordering::SeqCst);
-    let base = format!("{}/protocol/openid-connect", s.issuer);
-    Json(json!({
-        "issuer": s.issuer,
-        "authorization_endpoint": format!("{base}/auth"),
-        "token_endpoint": format!("{base}/token"),
-        "introspection_endpoint": format!("{base}/token/introspect"),
-        "userinfo_endpoint": format!("{base}/userinfo"),
-        "end_session_endpoint": format!("{base}/logout"),
-        "jwks_uri": format!("{base}/certs"),
-        "grant_types_supported": ["authorization_code", "implicit", "refresh_token", "password", "client_credentials"],
-        "response_types_supported": ["code", "none", "id_token", "token", "id_token token", "code id_token", "code token", "code id_token token"],
-        "subject_types_supported": ["public", "pairwise"],
-        "id_token_signing_alg_values_supported": ["PS384", "ES384", "RS384", "HS256", "HS512", "ES256", "RS256", "HS384", "ES512", "PS256", "PS512", "RS512"],
-        "backchannel_logout_supported": true,
-        "backchannel_logout_session_supported": true,
-        "code_challenge_methods_supported": ["plain", "S256"],
-    }))
-}
-
-async fn certs(State(s): State<Arc<KcState>>) -> Response {
-    s.jwks_fetches.fetch_add(1, Ordering::SeqCst);
-    let body = s.jwks.lock().unwrap().clone();
-    ([("content-type", "application/json")], body).into_response()
-}
-
-async fn token(
-    State(s): State<Arc<KcState>>,
-    Form(f): Form<std::collections::HashMap<String, String>>,
-) -> Response {
-    let _ = s;
-    if f.get("grant_type").map(String::as_str) != Some("password") {
-        return (
-            axum::http::StatusCode::BAD_REQUEST,
-            Json(json!({"error": "unsupported_grant_type"})),
-        )
-            .into_response();
-    }
-    (
-        axum::http::StatusCode::BAD_REQUEST,
-        Json(json!({"error": "invalid_grant", "error_description": "Invalid user credentials"})),
-    )
-        .into_response()
 }
