@@ -13,6 +13,7 @@ use tabhub::config::Config;
 use tabhub::Running;
 
 pub use client::Client;
+#[allow(unused_imports)]
 pub use keycloak::{Keycloak, TokenSpec};
 
 /// Bound on every single wait in the tests.
