@@ -28,7 +28,13 @@ pub fn config(addr: SocketAddr) -> Config {
         ..Config::default()
     };
     c.auth.issuer = format!("{base}/realms/demo");
-    c.auth.client_ids = vec![CLIENT_ID.into()];
+    c.auth.client_ids = vec![CLIENT_ID.into(), CUSTODY_CLIENT.into()];
+    c.custody.enabled = true;
+    c.custody.client_id = CUSTODY_CLIENT.into();
+    c.custody.client_secret = CUSTODY_SECRET.into();
+    c.custody.redirect_uri = format!("{base}/auth/callback");
+    c.custody.post_logout_redirect_uri = format!("{base}/");
+    c.custody.cookie_secure = false;
     c.gitlab.url = base.clone();
     c.origins.allowed = vec![base, format!("http://localhost:{}", addr.port())];
     c.origins.allow_missing = true;
@@ -38,6 +44,10 @@ pub fn config(addr: SocketAddr) -> Config {
     );
     c
 }
+
+/// The demo realm's confidential client, which tabhub logs browsers in with (token custody).
+pub const CUSTODY_CLIENT: &str = "tabhub";
+pub const CUSTODY_SECRET: &str = "demo-secret";
 
 /// The projects the demo's fixture GitLab emits events on.
 pub const DEMO_PROJECTS: &[&str] = &["1", "2", "3"];

@@ -1,0 +1,503 @@
+//! Token custody over real sockets: login through the fixture Keycloak's authorization endpoint, the session cookie
+//! as the websocket credential, silent refresh, refusal, logout and back-channel logout.
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use support::client::Cred;
+use support::keycloak::{sub_of, TABHUB_CLIENT, TABHUB_SECRET};
+use support::{Client, Keycloak};
+use tabhub::commands::{
+    BoxFuture, Cadence, Command, CommandError, Context, LoopFunction, Registry,
+};
+
+/// Tokens seen by a fixture backend, in order.
+#[derive(Default)]
+struct Seen(Mutex<Vec<String>>);
+
+/// `poll {}`: registers a short loop that calls the `gw` backend as the user.
+struct Poll;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoParams {}
+
+impl Command for Poll {
+    const NAME: &'static str = "poll";
+    const DOC: &'static str = "Test: a loop calling a backend as the user.";
+    const REQUIRED: &'static [&'static str] = &[];
+    type Params = NoParams;
+    fn handle<'a>(
+        &'a self,
+        _: NoParams,
+        ctx: &'a dyn Context,
+    ) -> BoxFuture<'a, Result<(), CommandError>> {
+        Box::pin(async move {
+            ctx.register_loop(LoopFunction::new(
+                "poll",
+                Cadence::Short,
+                |ctx| async move {
+                    ctx.backend_get("gw", "/whoami").await?;
+                    Ok(vec![])
+                },
+            ));
+            ctx.reply("polling", json!({}));
+            Ok(())
+        })
+    }
+}
+
+struct Setup {
+    kc: Keycloak,
+    t: tabhub::Running,
+    base: String,
+    seen: Arc<Seen>,
+    http: reqwest::Client,
+}
+
+async fn setup(access_lifetime: Duration) -> Setup {
+    let kc = Keycloak::start_with(|o| {
+        o.auto_approve = Some("alice".into());
+        o.access_token_lifetime = access_lifetime;
+    })
+    .await;
+    // A backend recording the bearer tokens it is called with.
+    let seen = Arc::new(Seen::default());
+    let gw = {
+        let seen = seen.clone();
+        axum::Router::new().route(
+            "/whoami",
+            axum::routing::get(move |h: axum::http::HeaderMap| {
+                let seen = seen.clone();
+                async move {
+                    let auth = h
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    seen.0
+                        .lock()
+                        .unwrap()
+                        .push(auth.trim_start_matches("Bearer ").to_owned());
+                    axum::Json(json!({"ok": true}))
+                }
+            }),
+        )
+    };
+    let gl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gw_base = format!("http://{}", gl.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(gl, gw).await });
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let mut c = support::config(&kc);
+    c.auth.client_ids.push(TABHUB_CLIENT.into());
+    c.origins.allowed = vec![base.clone()];
+    c.custody.enabled = true;
+    c.custody.client_id = TABHUB_CLIENT.into();
+    c.custody.client_secret = TABHUB_SECRET.into();
+    c.custody.redirect_uri = format!("{base}/auth/callback");
+    c.custody.cookie_secure = false;
+    c.backends.insert("gw".into(), gw_base);
+    c.validate().unwrap();
+    let mut registry = Registry::builtin();
+    registry.register(Poll);
+    let t = tabhub::start(listener, c, registry, axum::Router::new())
+        .await
+        .unwrap();
+    support::eventually("ready", || t.app().realm.is_ready()).await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    Setup {
+        kc,
+        t,
+        base,
+        seen,
+        http,
+    }
+}
+
+fn location(r: &reqwest::Response) -> String {
+    r.headers()["location"].to_str().unwrap().to_owned()
+}
+
+impl Setup {
+    /// Logs in through the fixture realm (auto-approving alice); returns the session cookie `name=value`.
+    async fn login(&self, redirect: &str) -> String {
+        let r = self
+            .http
+            .get(format!("{}/auth/login?redirect={redirect}", self.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 302);
+        let to_kc = location(&r);
+        assert!(to_kc.starts_with(&self.kc.issuer()), "{to_kc}");
+        for p in [
+            "code_challenge=",
+            "code_challenge_method=S256",
+            "state=",
+            "nonce=",
+        ] {
+            assert!(
+                to_kc.contains(p),
+                "authorization request lacks {p}: {to_kc}"
+            );
+        }
+        let r = self.http.get(&to_kc).send().await.unwrap();
+        assert_eq!(r.status(), 302, "{:?}", r.text().await);
+        let back = location(&r);
+        assert!(
+            back.starts_with(&format!("{}/auth/callback?", self.base)),
+            "{back}"
+        );
+        let r = self.http.get(&back).send().await.unwrap();
+        assert_eq!(r.status(), 302);
+        assert_eq!(location(&r), redirect);
+        let cookie = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+        for attr in ["HttpOnly", "SameSite=Lax", "Path=/"] {
+            assert!(cookie.contains(attr), "{cookie}");
+        }
+        cookie.split(';').next().unwrap().to_owned()
+    }
+
+    async fn tab(&self, cookie: &str) -> Client {
+        let (name, value) = cookie.split_once('=').unwrap();
+        let mut c = Client::connect_with(
+            &support::ws_url(&self.t),
+            Cred::Cookie(name, value),
+            Some(&self.base),
+        )
+        .await
+        .unwrap();
+        let init = c.recv().await;
+        assert_eq!(init["type"], "init", "{init}");
+        c
+    }
+}
+
+#[tokio::test]
+async fn login_then_two_cookie_tabs_share_one_session() {
+    let s = setup(Duration::from_secs(300)).await;
+    let cookie = s.login("/projects").await;
+    let me: Value = s
+        .http
+        .get(format!("{}/auth/me", s.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(me["user"]["name"], "alice");
+    let (mut a, mut b) = (s.tab(&cookie).await, s.tab(&cookie).await);
+    assert_eq!(s.t.app().hub.get(&sub_of("alice")).unwrap().tab_count(), 2);
+    a.send("ping", json!({}), Some(json!(1))).await;
+    assert_eq!(a.recv().await["id"], 1);
+    b.send("poll", json!({}), None).await;
+    b.recv_type("polling").await;
+    support::eventually("the loop used the stored token", || {
+        !s.seen.0.lock().unwrap().is_empty()
+    })
+    .await;
+    let me: Value = s
+        .http
+        .get(format!("{}/auth/me", s.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(me["tabs"], 2);
+    // Without the cookie: not logged in.
+    let r = s
+        .http
+        .get(format!("{}/auth/me", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}
+
+#[tokio::test]
+async fn short_tokens_are_refreshed_silently_and_loops_use_the_new_one() {
+    // Access tokens live 12 s, refreshed 10 s before expiry: a refresh about every 2 s.
+    let s = setup(Duration::from_secs(12)).await;
+    let cookie = s.login("/").await;
+    let mut a = s.tab(&cookie).await;
+    a.send("poll", json!({}), None).await;
+    a.recv_type("polling").await;
+    support::eventually("two refreshes", || {
+        s.kc.realm().token_requests("refresh_token") >= 2
+    })
+    .await;
+    let distinct = || {
+        let v = s.seen.0.lock().unwrap();
+        v.iter().collect::<std::collections::HashSet<_>>().len()
+    };
+    support::eventually("the loop called the backend with a refreshed token", || {
+        distinct() >= 2
+    })
+    .await;
+    // Still connected, never told to re-authenticate.
+    a.send("ping", json!({}), Some(json!("p"))).await;
+    loop {
+        let m = a.recv().await;
+        assert_ne!(m["type"], "authExpiring", "custody refreshes silently");
+        if m["id"] == "p" {
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn concurrent_refreshes_share_one_request() {
+    let s = setup(Duration::from_secs(300)).await;
+    let cookie = s.login("/").await;
+    let sid = cookie.split_once('=').unwrap().1.to_owned();
+    let custody = s.t.app().custody.clone().unwrap();
+    let before = s.kc.realm().token_requests("refresh_token");
+    let calls: Vec<_> = (0..10)
+        .map(|_| {
+            let (c, sid) = (custody.clone(), sid.clone());
+            tokio::spawn(async move { c.refresh(&sid).await.map(|t| t.access_token.clone()) })
+        })
+        .collect();
+    let mut tokens = std::collections::HashSet::new();
+    for c in calls {
+        tokens.insert(c.await.unwrap().unwrap());
+    }
+    assert_eq!(
+        s.kc.realm().token_requests("refresh_token"),
+        before + 1,
+        "one request for ten callers"
+    );
+    assert_eq!(tokens.len(), 1);
+    // The rotated refresh token was stored: the next refresh works (the old one would be refused).
+    custody.refresh(&sid).await.unwrap();
+    assert_eq!(s.kc.realm().token_requests("refresh_token"), before + 2);
+}
+
+#[tokio::test]
+async fn a_revoked_session_closes_its_tabs_with_the_expired_code() {
+    let s = setup(Duration::from_secs(12)).await;
+    let cookie = s.login("/").await;
+    let mut a = s.tab(&cookie).await;
+    s.kc.realm().end_sessions_of("alice");
+    let (code, msgs) = a.closed().await;
+    assert_eq!(code, Some(4002));
+    assert!(
+        msgs.iter()
+            .any(|m| m["type"] == "error" && m["data"]["authExpired"] == true),
+        "{msgs:?}"
+    );
+    // The stored tokens are gone: the cookie no longer logs anyone in.
+    let r = s
+        .http
+        .get(format!("{}/auth/me", s.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}
+
+#[tokio::test]
+async fn logout_closes_that_sessions_tabs_only() {
+    let s = setup(Duration::from_secs(300)).await;
+    let (c1, c2) = (s.login("/").await, s.login("/").await);
+    assert_ne!(c1, c2, "two browsers, two sessions");
+    let (mut a1, mut a2, mut other) = (s.tab(&c1).await, s.tab(&c1).await, s.tab(&c2).await);
+    let mut bob = Client::connect(&support::ws_url(&s.t), &s.kc.token("bob")).await;
+    let r = s
+        .http
+        .post(format!("{}/auth/logout", s.base))
+        .header("cookie", &c1)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .contains("Max-Age=0"));
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["loggedOut"], true);
+    let url = body["logoutUrl"].as_str().unwrap();
+    assert!(
+        url.starts_with(&format!("{}/protocol/openid-connect/logout", s.kc.issuer()))
+            && url.contains("id_token_hint="),
+        "{url}"
+    );
+    for c in [&mut a1, &mut a2] {
+        let (code, msgs) = c.closed().await;
+        assert_eq!(code, Some(4003));
+        assert!(msgs.iter().any(|m| m["data"]["loggedOut"] == true));
+    }
+    for c in [&mut other, &mut bob] {
+        c.send("ping", json!({}), Some(json!("still"))).await;
+        assert_eq!(c.recv_type("ack").await["id"], "still");
+    }
+}
+
+#[tokio::test]
+async fn backchannel_logout_closes_the_named_session_and_refuses_replays_and_forgeries() {
+    let s = setup(Duration::from_secs(300)).await;
+    let c1 = s.login("/").await;
+    let kc_sid = s.kc.realm().kc_session_of("alice").unwrap();
+    let c2 = s.login("/").await;
+    let (mut a1, mut a2) = (s.tab(&c1).await, s.tab(&c2).await);
+    let url = format!("{}/auth/backchannel-logout", s.base);
+
+    // Forged (another client's audience, a foreign key) and malformed tokens change nothing.
+    let wrong_aud = s.kc.realm().logout_token("renku-ui", Some(&kc_sid), None);
+    assert_eq!(
+        s.kc.realm().send_backchannel_logout(&url, &wrong_aud).await,
+        400
+    );
+    let r = s
+        .http
+        .post(&url)
+        .form(&[("logout_token", "x.y.z")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let access = s.kc.realm().mint_access("alice", TABHUB_CLIENT);
+    assert_eq!(
+        s.kc.realm().send_backchannel_logout(&url, &access).await,
+        400,
+        "an access token is not a logout token"
+    );
+    a1.send("ping", json!({}), Some(json!(1))).await;
+    assert_eq!(a1.recv().await["id"], 1);
+
+    let token =
+        s.kc.realm()
+            .logout_token(TABHUB_CLIENT, Some(&kc_sid), Some(&sub_of("alice")));
+    assert_eq!(
+        s.kc.realm().send_backchannel_logout(&url, &token).await,
+        200
+    );
+    let (code, _) = a1.closed().await;
+    assert_eq!(code, Some(4003));
+    a2.send("ping", json!({}), Some(json!(2))).await;
+    assert_eq!(a2.recv().await["id"], 2, "the other session stays");
+    assert_eq!(
+        s.kc.realm().send_backchannel_logout(&url, &token).await,
+        400,
+        "replayed"
+    );
+}
+
+#[tokio::test]
+async fn cookie_handshakes_need_an_allowed_origin() {
+    let s = setup(Duration::from_secs(300)).await;
+    let cookie = s.login("/").await;
+    let (name, value) = cookie.split_once('=').unwrap();
+    let url = support::ws_url(&s.t);
+    // allow_missing is on in the test config, yet a cookie credential without Origin is refused.
+    for origin in [Some("https://evil.example"), None] {
+        match Client::connect_with(&url, Cred::Cookie(name, value), origin).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+                assert_eq!(r.status(), 403, "{origin:?}")
+            }
+            other => panic!("{origin:?}: expected 403, got {:?}", other.map(|_| ())),
+        }
+    }
+    // An unknown session cookie: in-band missingAuth and 4000.
+    let mut c = Client::connect_with(&url, Cred::Cookie(name, "forged"), Some(&s.base))
+        .await
+        .unwrap();
+    let (code, msgs) = c.closed().await;
+    assert_eq!(code, Some(4000));
+    assert_eq!(msgs[0]["data"]["missingAuth"], true);
+}
+
+#[tokio::test]
+async fn login_refuses_foreign_redirects_and_bad_callbacks() {
+    let s = setup(Duration::from_secs(300)).await;
+    for bad in [
+        "https://evil.example/",
+        "//evil.example/x",
+        "javascript:alert(1)",
+    ] {
+        let r = s
+            .http
+            .get(format!("{}/auth/login", s.base))
+            .query(&[("redirect", bad)])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{bad}");
+    }
+    let r = s
+        .http
+        .get(format!(
+            "{}/auth/callback?code=abc&state=never-issued",
+            s.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.headers().get("set-cookie").is_none());
+    let r = s
+        .http
+        .get(format!("{}/auth/callback?error=access_denied", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+}
+
+#[tokio::test]
+async fn introspection_sees_revocation_at_the_handshake_and_is_cached() {
+    let kc = Keycloak::start().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let mut c = support::config(&kc);
+    c.auth.client_ids.push(TABHUB_CLIENT.into());
+    c.custody.enabled = true;
+    c.custody.client_id = TABHUB_CLIENT.into();
+    c.custody.client_secret = TABHUB_SECRET.into();
+    c.custody.redirect_uri = format!("{base}/auth/callback");
+    c.custody.introspection = true;
+    c.custody.introspection_cache_ms = 60_000;
+    let t = tabhub::start(listener, c, Registry::builtin(), axum::Router::new())
+        .await
+        .unwrap();
+    support::eventually("ready", || t.app().realm.is_ready()).await;
+    let url = support::ws_url(&t);
+    let token = kc.token("alice");
+    let n = Arc::new(AtomicUsize::new(0));
+    for _ in 0..5 {
+        Client::connect(&url, &token).await;
+        n.fetch_add(1, Ordering::SeqCst);
+    }
+    assert_eq!(
+        kc.realm().introspections(),
+        1,
+        "a reconnect storm costs one introspection"
+    );
+    let revoked = kc.token("bob");
+    kc.realm().end_sessions_of("bob");
+    let mut c = Client::connect_with(&url, Cred::Header(&revoked), None)
+        .await
+        .unwrap();
+    let (code, msgs) = c.closed().await;
+    assert_eq!(code, Some(4002));
+    assert!(msgs[0]["data"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("revoked"));
+}
