@@ -133,12 +133,13 @@ async fn run_demo(listen: SocketAddr) -> Result<(), String> {
          token:     curl -s -d grant_type=password -d client_id={cid} -d username=alice -d password=alice \\\n               \
          {issuer}/protocol/openid-connect/token\n  \
          websocket: ws://{host}/ws  (Authorization: Bearer <access_token>, or subprotocols [\"tabhub\", \"tabhub.bearer.<access_token>\"])\n  \
-         client:    cargo run --release -- connect --user alice     (in another terminal; type {{\"type\":\"ping\"}})\n",
+         client:    cargo run --release -- connect --user alice     (in another terminal; type {{\"type\":\"ping\"}})\n  \
+         loops:     {{\"type\":\"pullSessionStatusV2\"}}  {{\"type\":\"pullKgActivationStatus\",\"data\":{{\"projects\":[1,2,3,4]}}}}\n",
         cid = demo::CLIENT_ID,
         issuer = issuer.issuer(),
         host = base.trim_start_matches("http://"),
     );
-    serve(config, issuer.router()).await
+    serve(config, issuer.router().merge(demo::backends())).await
 }
 
 async fn connect(url: String, token: Option<String>, user: String) -> Result<(), String> {

@@ -16,7 +16,6 @@ use jsonwebtoken::{EncodingKey, Header};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-
 /// The demo realm's client id.
 pub const CLIENT_ID: &str = "tabhub-demo";
 /// The demo users: (user name = password, `sub`).
@@ -165,4 +164,3 @@ async fn token(State(i): State<Arc<DevIssuer>>, Form(f): Form<TokenForm>) -> Res
         ),
     }
 }
-

@@ -3,7 +3,10 @@
 
 pub mod authenticate;
 pub mod init;
+pub mod kg_activation;
 pub mod ping;
+pub mod session_status;
+pub mod visibility;
 
 use crate::registry::Registry;
 
@@ -12,4 +15,8 @@ pub fn register_builtin(r: &mut Registry) {
     r.register(init::Init);
     r.register(ping::Ping);
     r.register(authenticate::Authenticate);
+    r.register(session_status::PullSessionStatus);
+    r.register(session_status::PullSessionStatusV2);
+    r.register(kg_activation::PullKgActivationStatus);
+    r.register(visibility::Visibility);
 }
