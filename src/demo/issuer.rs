@@ -16,6 +16,7 @@ use jsonwebtoken::{EncodingKey, Header};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+
 /// The demo realm's client id.
 pub const CLIENT_ID: &str = "tabhub-demo";
 /// The demo users: (user name = password, `sub`).
@@ -164,3 +165,4 @@ async fn token(State(i): State<Arc<DevIssuer>>, Form(f): Form<TokenForm>) -> Res
         ),
     }
 }
+
