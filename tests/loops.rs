@@ -2,9 +2,11 @@
 //! calls per user and can be told to change, slow down or fail.
 //!
 //! "One call per tick" is checked against the engine's own count of iterations
-//! (`tabhub_loop_iterations_total{function}`), never against the clock: a function makes at most one call per
-//! iteration, so the gateway's count may never exceed the iterations (plus the one in flight). Waits are for a
-//! number of iterations, each bounded by `support::WAIT`; the few bounds that involve time are loose on purpose.
+//! (`tabhub_loop_iterations_total{function}`): a function makes at most one call per iteration, so the gateway's
+//! count may never exceed the iterations (plus the one in flight). That commands and joining tabs add no iteration
+//! is checked against the number of ticks since the start, an upper bound that a busy machine can only make looser
+//! (it delays ticks, never advances them). Waits are for a number of iterations, each bounded by `support::WAIT`;
+//! the few bounds that involve time are loose on purpose.
 
 mod support;
 
