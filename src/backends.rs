@@ -1,7 +1,7 @@
 //! Calls to backends on behalf of users (loop functions), and shared anonymous fetches.
 //!
-//! One HTTP client with a keep-alive pool serves every user. Each backend has its own backoff: after a 5xx or a
-//! network error no request goes to it until the backoff ends (exponential, with jitter, reset by a success), so a
+//! One HTTP client with a keep-alive pool serves every user. Each backend has its own backoff: after a 502, 503,
+//! 504, a timeout or a network error no request goes to it until the backoff ends (exponential, with jitter, reset by a success), so a
 //! backend in trouble is not hammered by every user's loop. A 401 is retried once with the session's newest token.
 
 use std::collections::{BTreeMap, HashMap};
@@ -128,9 +128,13 @@ impl Backends {
 
     fn record(&self, backend: &str, result: &Result<BackendResponse, BackendError>) {
         self.metrics.backend_calls.inc(&[backend, outcome(result)]);
+        // Backoff is per backend, shared by every user: only signs that the backend itself is unavailable count
+        // (a gateway error, an overload, a timeout, no connection). A 500 about one resource (one user's project,
+        // say) must not silence the backend for everyone.
         let failed = match result {
-            Ok(r) => r.status >= 500,
-            Err(_) => true,
+            Ok(r) => matches!(r.status, 502..=504),
+            Err(BackendError::Timeout | BackendError::Network(_)) => true,
+            Err(_) => false,
         };
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let s = state

@@ -137,12 +137,20 @@ async fn run_demo(listen: SocketAddr) -> Result<(), String> {
          {issuer}/protocol/openid-connect/token\n  \
          websocket: ws://{host}/ws  (Authorization: Bearer <access_token>, or subprotocols [\"tabhub\", \"tabhub.bearer.<access_token>\"])\n  \
          client:    cargo run --release -- connect --user alice     (in another terminal; type {{\"type\":\"ping\"}})\n  \
-         events:    {{\"type\":\"subscribe\",\"data\":{{\"topic\":\"/project/1/push\"}}}}   (demo projects 1, 2, 3; types push, pipeline, merge_request, issue)\n",
+         events:    {{\"type\":\"subscribe\",\"data\":{{\"topic\":\"/project/1/push\"}}}}   (demo projects 1, 2, 3; types push, pipeline, merge_request, issue)\n  \
+         loops:     {{\"type\":\"pullSessionStatusV2\"}}  {{\"type\":\"pullKgActivationStatus\",\"data\":{{\"projects\":[1,2,3,4]}}}}\n",
         cid = demo::CLIENT_ID,
         issuer = issuer.issuer(),
         host = base.trim_start_matches("http://"),
     );
-    serve(config, issuer.router().merge(demo::gitlab_router())).await
+    serve(
+        config,
+        issuer
+            .router()
+            .merge(demo::gitlab_router())
+            .merge(demo::backends()),
+    )
+    .await
 }
 
 async fn connect(url: String, token: Option<String>, user: String) -> Result<(), String> {

@@ -123,11 +123,16 @@ impl Session {
         if inner.tabs.is_empty() && inner.generation > 0 {
             self.app.metrics.lingering_sessions.dec();
         }
+        // A visible tab joining tabs that are all hidden restores the short pace at once, as un-hiding does.
+        let all_hidden = !inner.tabs.is_empty() && inner.tabs.iter().all(|t| t.is_hidden());
         inner.tabs.push(tab.clone());
         inner.generation += 1;
         for slot in inner.loops.values() {
             for n in &slot.snapshot {
                 tab.send(protocol::encode(&n.kind, &n.data, None));
+            }
+            if all_hidden && !tab.is_hidden() && slot.cadence == Cadence::Short {
+                slot.wake.notify_one();
             }
         }
         drop(inner);

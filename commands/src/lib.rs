@@ -16,6 +16,7 @@
 //! - [`loops`]: loop functions and their cadence;
 //! - [`registry`]: the [`Registry`] and parameter checking;
 //! - [`session_data`]: typed per-session state shared by a command's handler and its loop function;
+//! - [`settings`]: typed reads of the `[commands]` settings table;
 //! - [`topic`]: subscription topics (`/project/<id>/<eventType>`);
 //! - [`cmd`]: the built-in commands.
 
@@ -25,6 +26,7 @@ pub mod context;
 pub mod loops;
 pub mod registry;
 pub mod session_data;
+pub mod settings;
 pub mod topic;
 
 pub use command::{BoxFuture, Command, CommandError};

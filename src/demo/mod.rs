@@ -2,20 +2,38 @@
 //!
 //! - [`issuer`]: a development issuer shaped like a Keycloak realm at `/realms/demo`;
 //! - [`gitlab`]: a fixture GitLab streaming project events over SSE, with knobs to make it misbehave;
+//! - [`gateway`]: a fixture Renku gateway (sessions, KG activation, UI version) at `/gateway`, whose sessions and
+//!   activations move on their own;
 //!
 //! The same fixture servers serve the integration tests.
 
+pub mod gateway;
 pub mod gitlab;
 pub mod issuer;
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 pub use issuer::{DevIssuer, CLIENT_ID, USERS};
 
 use crate::config::Config;
 
-/// The demo configuration for a listener at `addr`: the embedded issuer, its own origin allowed, clients without
-/// an `Origin` header (command-line tools) allowed.
+/// Where the demo serves its fixture gateway, under the listener's base URL.
+pub const GATEWAY_PREFIX: &str = "/gateway";
+
+/// How often the demo gateway's sessions and KG activations move.
+pub const DEMO_TICK: Duration = Duration::from_secs(3);
+
+/// The demo's fixture backends, to merge into the listener's routes: the gateway under [`GATEWAY_PREFIX`], with
+/// its ticker running. Call it inside the runtime.
+pub fn backends() -> axum::Router {
+    let g = gateway::Gateway::demo(env!("CARGO_PKG_VERSION"));
+    g.start_demo_ticker(DEMO_TICK);
+    axum::Router::new().nest(GATEWAY_PREFIX, g.router())
+}
+
+/// The demo configuration for a listener at `addr`: the embedded issuer and gateway, its own origin allowed,
+/// clients without an `Origin` header (command-line tools) allowed.
 pub fn config(addr: SocketAddr) -> Config {
     let host = if addr.ip().is_unspecified() {
         SocketAddr::from(([127, 0, 0, 1], addr.port()))
@@ -36,12 +54,14 @@ pub fn config(addr: SocketAddr) -> Config {
     c.custody.post_logout_redirect_uri = format!("{base}/");
     c.custody.cookie_secure = false;
     c.gitlab.url = base.clone();
+    c.backends
+        .insert("gateway".into(), format!("{base}{GATEWAY_PREFIX}"));
+    c.commands.insert(
+        "ui_version_url".into(),
+        toml::Value::String(format!("{base}{GATEWAY_PREFIX}/ui-version")),
+    );
     c.origins.allowed = vec![base, format!("http://localhost:{}", addr.port())];
     c.origins.allow_missing = true;
-    c.commands.insert(
-        "ui_version".into(),
-        toml::Value::String(env!("CARGO_PKG_VERSION").into()),
-    );
     c
 }
 

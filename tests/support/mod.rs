@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod gateway;
 pub mod keycloak;
 
 use std::net::SocketAddr;

@@ -3,10 +3,13 @@
 
 pub mod authenticate;
 pub mod init;
+pub mod kg_activation;
 pub mod ping;
+pub mod session_status;
 pub mod set_subscriptions;
 pub mod subscribe;
 pub mod unsubscribe;
+pub mod visibility;
 
 use crate::registry::Registry;
 
@@ -18,4 +21,8 @@ pub fn register_builtin(r: &mut Registry) {
     r.register(subscribe::Subscribe);
     r.register(unsubscribe::Unsubscribe);
     r.register(set_subscriptions::SetSubscriptions);
+    r.register(session_status::PullSessionStatus);
+    r.register(session_status::PullSessionStatusV2);
+    r.register(kg_activation::PullKgActivationStatus);
+    r.register(visibility::Visibility);
 }
