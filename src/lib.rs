@@ -19,6 +19,7 @@ pub mod app;
 pub mod auth;
 pub mod backends;
 pub mod backoff;
+pub mod client_assets;
 pub mod close_codes;
 pub mod config;
 pub mod connection;

@@ -148,7 +148,8 @@ async fn run_demo(listen: SocketAddr) -> Result<(), String> {
         issuer
             .router()
             .merge(demo::gitlab_router())
-            .merge(demo::backends()),
+            .merge(demo::backends())
+            .merge(demo::page_router()),
     )
     .await
 }

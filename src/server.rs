@@ -103,6 +103,7 @@ pub async fn start(
         .route("/metrics", get(metrics))
         .merge(crate::custody::routes::router())
         .with_state(app.clone())
+        .merge(crate::client_assets::router())
         .merge(extra);
     let (stop, mut stopped) = watch::channel(false);
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {

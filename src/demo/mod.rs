@@ -65,6 +65,16 @@ pub fn config(addr: SocketAddr) -> Config {
     c
 }
 
+const DEMO_PAGE: &str = include_str!("../../client/demo/index.html");
+
+/// The demo page at `/`: log in (token custody), watch the session, subscribe to the demo projects' topics.
+pub fn page_router() -> axum::Router {
+    axum::Router::new().route(
+        "/",
+        axum::routing::get(|| async { axum::response::Html(DEMO_PAGE) }),
+    )
+}
+
 /// The demo realm's confidential client, which tabhub logs browsers in with (token custody).
 pub const CUSTODY_CLIENT: &str = "tabhub";
 pub const CUSTODY_SECRET: &str = "demo-secret";

@@ -1,0 +1,2 @@
+// tabhub browser client typings: placeholder.
+export {};

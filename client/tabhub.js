@@ -1,0 +1,2 @@
+// tabhub browser client: placeholder, replaced by the client library.
+export {};
