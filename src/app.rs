@@ -28,6 +28,10 @@ pub struct App {
     /// Shown in `init`; distinguishes instances behind a load balancer.
     pub instance: String,
     pub metrics: Arc<Metrics>,
+    /// Publish-only channels: who holds them, their replay buffers.
+    pub channels: crate::publish::channels::Channels,
+    /// How published messages reach every instance.
+    pub broker: crate::publish::broker::Broker,
     /// Upgrade rate per client address.
     pub upgrades: crate::rate::PerAddress,
     /// Open tabs, reserved before joining so that `limits.max_connections` holds under concurrency.
@@ -66,6 +70,8 @@ impl App {
             settings,
             instance,
             metrics,
+            channels: Default::default(),
+            broker: crate::publish::broker::Broker::new(&config.broker),
             upgrades: crate::rate::PerAddress::new(
                 config.limits.upgrades_per_second_per_address,
                 config.limits.upgrades_burst,

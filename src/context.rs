@@ -157,15 +157,34 @@ impl Context for TabContext<'_> {
         last_event_id: Option<&str>,
         ack: &(dyn Fn(bool) -> Option<Notification> + Sync),
     ) -> Result<bool, CommandError> {
+        let ack =
+            |added| ack(added).map(|n: Notification| protocol::encode(&n.kind, &n.data, self.id));
+        if let Topic::Channel(name) = topic {
+            let publish = &self.app.config.publish;
+            if !publish
+                .namespaces
+                .iter()
+                .any(|n| name.starts_with(n.as_str()))
+            {
+                return Err(CommandError::failed(format!(
+                    "{topic}: not a project topic nor in a publish namespace ({})",
+                    publish.namespaces.join(", ")
+                )));
+            }
+            let buffer = self.app.channels.buffer(name, publish.max_buffered_topics);
+            let guard = buffer.lock().unwrap_or_else(|p| p.into_inner());
+            return self
+                .session
+                .subscribe_channel(self.tab, topic, last_event_id, ack, &guard)
+                .map_err(|e| CommandError::failed(format!("{topic}: {e}")));
+        }
         if self.app.config.gitlab.url.is_empty() {
             return Err(CommandError::failed(format!(
                 "{topic}: subscriptions are not configured on this server (gitlab.url)"
             )));
         }
         self.session
-            .subscribe(self.tab, topic, last_event_id, |added| {
-                ack(added).map(|n| protocol::encode(&n.kind, &n.data, self.id))
-            })
+            .subscribe(self.tab, topic, last_event_id, ack)
             .map_err(|e| CommandError::failed(format!("{topic}: {e}")))
     }
 

@@ -31,6 +31,7 @@ pub mod hub;
 pub mod loops;
 pub mod metrics;
 pub mod protocol;
+pub mod publish;
 pub mod rate;
 pub mod server;
 pub mod session;

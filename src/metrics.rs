@@ -106,6 +106,10 @@ pub struct Metrics {
     pub messages_dropped: Counter,
     pub idle_drops: Counter,
     pub token_refreshes: Family,
+    /// 1 while the Redis broker listens, 0 while it reconnects (absent meaning: memory broker).
+    pub broker_up: Gauge,
+    pub published: Family,
+    pub publish_requests: Family,
 }
 
 impl Metrics {
@@ -238,6 +242,26 @@ impl Metrics {
             "Access-token refreshes by outcome.",
             "counter",
             &["outcome"],
+        );
+        gauge(
+            &mut out,
+            "tabhub_broker_up",
+            "1 while the Redis broker is subscribed, 0 while it reconnects.",
+            self.broker_up.get(),
+        );
+        self.published.render(
+            &mut out,
+            "tabhub_published_messages_total",
+            "Published messages delivered on this instance, by scope.",
+            "counter",
+            &["scope"],
+        );
+        self.publish_requests.render(
+            &mut out,
+            "tabhub_publish_requests_total",
+            "Publish API requests by status.",
+            "counter",
+            &["status"],
         );
         out
     }

@@ -113,6 +113,29 @@ pub fn encode_scoped(scope: &str, kind: &str, data: &Value, id: Option<&Value>) 
     Utf8Bytes::from(Value::Object(m).to_string())
 }
 
+/// Encodes a published message: `{timestamp, scope, type, data, eventId}` plus `topic` for topic messages.
+pub fn encode_published(
+    scope: &str,
+    kind: &str,
+    data: &Value,
+    event_id: &str,
+    topic: Option<&str>,
+) -> Utf8Bytes {
+    let mut m = Map::with_capacity(6);
+    m.insert(
+        "timestamp".into(),
+        Value::String(timestamp(SystemTime::now())),
+    );
+    m.insert("scope".into(), Value::String(scope.into()));
+    if let Some(t) = topic {
+        m.insert("topic".into(), Value::String(t.into()));
+    }
+    m.insert("type".into(), Value::String(kind.into()));
+    m.insert("data".into(), data.clone());
+    m.insert("eventId".into(), Value::String(event_id.into()));
+    Utf8Bytes::from(Value::Object(m).to_string())
+}
+
 /// ISO-8601 UTC with milliseconds, e.g. `2026-11-23T19:14:05.123Z`.
 pub fn timestamp(t: SystemTime) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();

@@ -96,12 +96,14 @@ pub async fn start(
     let addr = listener.local_addr()?;
     let app = App::new(config, registry);
     tokio::spawn(app.realm.clone().load_with_retry());
+    app.broker.start(Arc::downgrade(&app));
     let router = Router::new()
         .route("/ws", get(crate::handshake::upgrade))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(crate::custody::routes::router())
+        .merge(crate::publish::api::router())
         .with_state(app.clone())
         .merge(crate::client_assets::router())
         .merge(extra);
@@ -139,13 +141,16 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
             StatusCode::SERVICE_UNAVAILABLE,
             "identity provider discovery and keys not loaded yet",
         )
+    } else if app.broker.state() == "down" {
+        // Still serving tabs, loops and streams; only publishing fails: stay in the pool, say it.
+        (StatusCode::OK, "degraded: message broker unavailable")
     } else {
         (StatusCode::OK, "ready")
     };
     (
         status,
         axum::Json(
-            json!({"ready": status == StatusCode::OK, "status": reason, "instance": app.instance}),
+            json!({"ready": status == StatusCode::OK, "status": reason, "instance": app.instance, "broker": app.broker.state()}),
         ),
     )
         .into_response()

@@ -144,7 +144,14 @@ impl Session {
     pub(crate) fn detach(&self, tab_id: u64) -> Option<u64> {
         let mut inner = self.lock();
         // Stop actions only: the streams' tasks were aborted by the bookkeeping itself.
-        let _ = inner.subs.release_tab(tab_id);
+        let (_, channels) = inner.subs.release_tab(tab_id);
+        for c in channels {
+            if !inner.subs.holds(&c) {
+                self.app
+                    .channels
+                    .remove_holder(&c.to_string(), &self.user.id);
+            }
+        }
         let before = inner.tabs.len();
         inner.tabs.retain(|t| t.id != tab_id);
         if before != inner.tabs.len() && inner.tabs.is_empty() && !inner.stopped {
@@ -192,6 +199,13 @@ impl Session {
         for t in inner.tasks.drain(..) {
             t.abort();
         }
+        for tab in inner.tabs.iter().map(|t| t.id).collect::<Vec<_>>() {
+            for c in inner.subs.release_tab(tab).1 {
+                self.app
+                    .channels
+                    .remove_holder(&c.to_string(), &self.user.id);
+            }
+        }
         inner.subs.stop_all();
         self.app.metrics.sessions.dec();
         tracing::debug!(user = %self.user.id, "session stopped");
@@ -212,8 +226,21 @@ impl Session {
 
     /// Sends a message to every tab of the user; serialized once.
     pub fn broadcast(&self, kind: &str, data: &Value) {
-        let msg = protocol::encode(kind, data, None);
+        self.send_all(&protocol::encode(kind, data, None));
+    }
+
+    /// Sends encoded bytes to every tab of the user.
+    pub fn send_all(&self, msg: &Utf8Bytes) {
         for t in &self.lock().tabs {
+            t.send(msg.clone());
+        }
+    }
+
+    /// Sends encoded bytes to the tabs holding `topic`.
+    pub fn deliver_to_holders(&self, topic: &Topic, msg: &Utf8Bytes) {
+        let inner = self.lock();
+        let holders = inner.subs.tabs_holding(topic);
+        for t in inner.tabs.iter().filter(|t| holders.contains(&t.id)) {
             t.send(msg.clone());
         }
     }
@@ -431,10 +458,46 @@ impl Session {
         Ok(added)
     }
 
+    /// Subscribes `tab` to a publish-only channel. The caller holds the channel's buffer (`buffer`), so that no
+    /// published message can come between the replay and the registration.
+    pub fn subscribe_channel(
+        &self,
+        tab: &Tab,
+        topic: &Topic,
+        last_event_id: Option<&str>,
+        ack: impl FnOnce(bool) -> Option<Utf8Bytes>,
+        buffer: &crate::publish::channels::Buffer,
+    ) -> Result<bool, SubscribeError> {
+        let limits = self.sub_limits();
+        let mut inner = self.lock();
+        if inner.stopped {
+            return Ok(false);
+        }
+        let (added, _, _) = inner.subs.subscribe(tab.id, topic, last_event_id, limits)?;
+        self.app
+            .channels
+            .add_holder(&topic.to_string(), &self.user.id);
+        if let Some(msg) = ack(added) {
+            tab.send(msg);
+        }
+        if let Some(missed) = last_event_id.and_then(|id| buffer.after(id)) {
+            for msg in missed {
+                tab.send(msg);
+            }
+        }
+        Ok(added)
+    }
+
     /// Releases `tab`'s hold on `topic`; the last release closes the project's stream.
     pub fn unsubscribe(&self, tab: &Tab, topic: &Topic) -> bool {
         let mut inner = self.lock();
-        inner.subs.unsubscribe(tab.id, topic).0
+        let removed = inner.subs.unsubscribe(tab.id, topic).0;
+        if removed && matches!(topic, Topic::Channel(_)) && !inner.subs.holds(topic) {
+            self.app
+                .channels
+                .remove_holder(&topic.to_string(), &self.user.id);
+        }
+        removed
     }
 
     /// The topics a tab holds.

@@ -131,7 +131,7 @@ impl Subscriptions {
     pub fn holders(&self, project: &str) -> Vec<(u64, Topic)> {
         let mut out = Vec::new();
         for (tab, topics) in &self.by_tab {
-            for t in topics.iter().filter(|t| t.project == project) {
+            for t in topics.iter().filter(|t| t.project_id() == Some(project)) {
                 out.push((*tab, t.clone()));
             }
         }
@@ -142,8 +142,13 @@ impl Subscriptions {
         self.by_tab
             .values()
             .flat_map(|ts| ts.iter())
-            .filter(|t| t.project == project)
-            .map(|t| t.event_type.clone())
+            .filter_map(|t| match t {
+                Topic::Project {
+                    project: p,
+                    event_type,
+                } if p == project => Some(event_type.clone()),
+                _ => None,
+            })
             .collect()
     }
 
@@ -185,17 +190,24 @@ impl Subscriptions {
         if held.is_some_and(|t| t.len() >= limits.topics_per_tab) {
             return Err(SubscribeError::TooManyTopics(limits.topics_per_tab));
         }
-        if !self.streams.contains_key(&topic.project)
-            && self.streams.len() >= limits.projects_per_user
-        {
+        let Topic::Project {
+            project,
+            event_type,
+        } = topic
+        else {
+            // A channel: no upstream; its replay buffer lives with the publish API.
+            self.by_tab.entry(tab).or_default().insert(topic.clone());
+            return Ok((true, Vec::new(), None));
+        };
+        if !self.streams.contains_key(project) && self.streams.len() >= limits.projects_per_user {
             return Err(SubscribeError::TooManyProjects(limits.projects_per_user));
         }
         self.by_tab.entry(tab).or_default().insert(topic.clone());
         let last = last_event_id.filter(|s| !s.is_empty()).map(str::to_owned);
 
-        let Some(stream) = self.streams.get_mut(&topic.project) else {
+        let Some(stream) = self.streams.get_mut(project) else {
             self.streams.insert(
-                topic.project.clone(),
+                project.clone(),
                 Stream {
                     filter: BTreeSet::new(),
                     generation: 0,
@@ -207,10 +219,10 @@ impl Subscriptions {
                     degraded: false,
                 },
             );
-            return Ok((true, Vec::new(), Some(self.start(&topic.project, last))));
+            return Ok((true, Vec::new(), Some(self.start(project, last))));
         };
 
-        let carries_type = stream.filter.contains(&topic.event_type);
+        let carries_type = stream.filter.contains(event_type);
         let buffered_from = last.as_ref().and_then(|id| {
             stream
                 .buffer
@@ -227,7 +239,7 @@ impl Subscriptions {
                     .buffer
                     .iter()
                     .skip(from)
-                    .filter(|b| b.event_type == topic.event_type)
+                    .filter(|b| &b.event_type == event_type)
                     .map(|b| b.msg.clone())
                     .collect();
                 Ok((true, replay, None))
@@ -235,7 +247,7 @@ impl Subscriptions {
             // A new type, from now on: reopen with the union from the last event received.
             (None, false, _) => {
                 let from = stream.resume_id.clone();
-                Ok((true, Vec::new(), Some(self.start(&topic.project, from))))
+                Ok((true, Vec::new(), Some(self.start(project, from))))
             }
             // An id older than the buffer, or a type the stream did not carry: reopen from that id and catch up.
             (Some(id), _, _) => {
@@ -265,7 +277,7 @@ impl Subscriptions {
                         Some(id)
                     }
                 };
-                Ok((true, Vec::new(), Some(self.start(&topic.project, from))))
+                Ok((true, Vec::new(), Some(self.start(project, from))))
             }
         }
     }
@@ -279,18 +291,43 @@ impl Subscriptions {
         if !removed {
             return (false, None);
         }
-        (true, self.stop_if_unused(&topic.project))
+        match topic.project_id() {
+            Some(p) => (true, self.stop_if_unused(p)),
+            None => (true, None),
+        }
     }
 
-    /// Releases everything a closing tab held.
-    pub fn release_tab(&mut self, tab: u64) -> Vec<Action> {
+    /// Releases everything a closing tab held. Returns the streams to stop and the channels the tab held.
+    pub fn release_tab(&mut self, tab: u64) -> (Vec<Action>, Vec<Topic>) {
         let Some(topics) = self.by_tab.remove(&tab) else {
-            return Vec::new();
+            return (Vec::new(), Vec::new());
         };
-        let projects: BTreeSet<String> = topics.into_iter().map(|t| t.project).collect();
-        projects
+        let projects: BTreeSet<String> = topics
+            .iter()
+            .filter_map(|t| t.project_id().map(str::to_owned))
+            .collect();
+        let channels = topics
+            .into_iter()
+            .filter(|t| matches!(t, Topic::Channel(_)))
+            .collect();
+        let stops = projects
             .iter()
             .filter_map(|p| self.stop_if_unused(p))
+            .collect();
+        (stops, channels)
+    }
+
+    /// Whether any tab holds `topic`.
+    pub fn holds(&self, topic: &Topic) -> bool {
+        self.by_tab.values().any(|ts| ts.contains(topic))
+    }
+
+    /// The tabs holding `topic`.
+    pub fn tabs_holding(&self, topic: &Topic) -> Vec<u64> {
+        self.by_tab
+            .iter()
+            .filter(|(_, ts)| ts.contains(topic))
+            .map(|(tab, _)| *tab)
             .collect()
     }
 
@@ -315,7 +352,7 @@ impl Subscriptions {
         let used = self
             .by_tab
             .values()
-            .any(|ts| ts.iter().any(|t| t.project == project));
+            .any(|ts| ts.iter().any(|t| t.project_id() == Some(project)));
         if used {
             return None;
         }
@@ -367,10 +404,7 @@ impl Subscriptions {
         if !id.is_empty() {
             stream.resume_id = Some(id.to_owned());
         }
-        let topic = Topic {
-            project: project.to_owned(),
-            event_type: event_type.to_owned(),
-        };
+        let topic = Topic::project(project, event_type);
         if let Some(c) = &stream.catch_up {
             let past_until = match (numeric(id), numeric(&c.until)) {
                 (Some(a), Some(b)) => a > b,
@@ -599,13 +633,15 @@ mod tests {
         s.subscribe(1, &t("/project/1/a"), None, LIMITS).unwrap();
         s.subscribe(1, &t("/project/2/a"), None, LIMITS).unwrap();
         s.subscribe(2, &t("/project/2/b"), None, LIMITS).unwrap();
-        let actions = s.release_tab(1);
+        s.subscribe(1, &t("/events/x"), None, LIMITS).unwrap();
+        let (actions, channels) = s.release_tab(1);
         assert_eq!(
             actions,
             vec![Action::Stop {
                 project: "1".into()
             }]
         );
+        assert_eq!(channels, vec![t("/events/x")]);
         assert_eq!(s.projects().collect::<Vec<_>>(), ["2"]);
     }
 }

@@ -1,0 +1,210 @@
+//! `POST /api/publish`.
+//!
+//! Body: one message `{"target": {"user": "<sub>"} | {"topic": "/events/..."} | {"broadcast": true}, "type": "...",
+//! "data": {...}}`, or a batch `{"messages": [ ... ]}` delivered in order. Authentication: `Authorization: Bearer`
+//! with a client-credentials token of a client in `publish.clients` (verified with the realm's keys like any token),
+//! or the static `publish.shared_secret`. Answers: 200 `{"published": n, "ids": [...]}`; 400 naming the problem;
+//! 401 without valid credentials; 403 for a client not allowed to publish; 413 beyond `publish.max_body_bytes`;
+//! 503 when the broker is unavailable.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tabhub_commands::Topic;
+
+use super::{new_id, Message, Target};
+use crate::app::App;
+use crate::auth::AuthError;
+use crate::protocol;
+
+pub fn router() -> Router<Arc<App>> {
+    Router::new().route("/api/publish", post(publish))
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    let mut r = (status, Json(json!({ "error": message }))).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    r
+}
+
+/// Equal-time comparison, so the shared secret cannot be guessed byte by byte from response times.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(Deserialize)]
+struct PublisherClaims {
+    #[serde(default)]
+    azp: Option<String>,
+    #[serde(default)]
+    typ: Option<String>,
+}
+
+async fn authorize(app: &App, headers: &HeaderMap) -> Result<(), Response> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| error(StatusCode::UNAUTHORIZED, "missing bearer credentials"))?;
+    let secret = &app.config.publish.shared_secret;
+    if !secret.is_empty() && same(token.as_bytes(), secret.as_bytes()) {
+        return Ok(());
+    }
+    let claims: PublisherClaims =
+        app.realm
+            .verify_jwt(token, |_| {})
+            .await
+            .map_err(|e| match e {
+                AuthError::Unavailable => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+                _ => error(StatusCode::UNAUTHORIZED, &e.to_string()),
+            })?;
+    if claims.typ.as_deref() != Some("Bearer") {
+        return Err(error(
+            StatusCode::UNAUTHORIZED,
+            "not an access token (typ must be Bearer)",
+        ));
+    }
+    match claims.azp {
+        Some(azp) if app.config.publish.clients.contains(&azp) => Ok(()),
+        _ => Err(error(
+            StatusCode::FORBIDDEN,
+            "this client is not allowed to publish",
+        )),
+    }
+}
+
+/// A message as a publisher writes it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Incoming {
+    target: Target,
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    data: Value,
+}
+
+/// Parses and checks the body; the error names the problem and where.
+fn parse(app: &App, bytes: &[u8]) -> Result<Vec<Message>, String> {
+    let body: Value = serde_json::from_slice(bytes).map_err(|e| format!("malformed JSON: {e}"))?;
+    let (items, batch) = match body {
+        Value::Object(mut o) if o.contains_key("messages") => {
+            if o.len() != 1 {
+                return Err("a batch is {\"messages\": [...]} and nothing else".into());
+            }
+            match o.remove("messages") {
+                Some(Value::Array(a)) => (a, true),
+                _ => return Err("'messages' must be an array".into()),
+            }
+        }
+        other @ Value::Object(_) => (vec![other], false),
+        _ => return Err("the body must be a JSON object".into()),
+    };
+    if items.is_empty() {
+        return Err("'messages' is empty".into());
+    }
+    let max = app.config.publish.max_batch;
+    if items.len() > max {
+        return Err(format!("at most {max} messages per batch"));
+    }
+    let timestamp = protocol::timestamp(std::time::SystemTime::now());
+    let mut out = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let at = if batch {
+            format!("messages[{i}]: ")
+        } else {
+            String::new()
+        };
+        let m: Incoming = serde_path_to_error::deserialize(item).map_err(|e| {
+            let path = e.path().to_string();
+            format!(
+                "{at}{}{}",
+                if path == "." {
+                    String::new()
+                } else {
+                    format!("{path}: ")
+                },
+                e.into_inner()
+            )
+        })?;
+        if m.kind.is_empty() || m.kind.len() > 100 {
+            return Err(format!("{at}'type' must be 1-100 characters"));
+        }
+        match &m.target {
+            Target::User(u) if u.is_empty() => return Err(format!("{at}target.user is empty")),
+            Target::Broadcast(false) => return Err(format!("{at}target.broadcast must be true")),
+            Target::Topic(t) => {
+                let ok = matches!(Topic::parse(t), Ok(Topic::Channel(_)))
+                    && app
+                        .config
+                        .publish
+                        .namespaces
+                        .iter()
+                        .any(|n| t.starts_with(n.as_str()));
+                if !ok {
+                    return Err(format!(
+                        "{at}target.topic {t:?} is not in a publish namespace ({})",
+                        app.config.publish.namespaces.join(", ")
+                    ));
+                }
+            }
+            _ => {}
+        }
+        out.push(Message {
+            target: m.target,
+            kind: m.kind,
+            data: if m.data.is_null() { json!({}) } else { m.data },
+            id: new_id(),
+            timestamp: timestamp.clone(),
+        });
+    }
+    Ok(out)
+}
+
+async fn publish(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    if let Err(r) = authorize(&app, &headers).await {
+        app.metrics.publish_requests.inc(&[r.status().as_str()]);
+        return r;
+    }
+    let max = app.config.publish.max_body_bytes;
+    let Ok(bytes) = axum::body::to_bytes(body, max).await else {
+        app.metrics.publish_requests.inc(&["413"]);
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("body larger than {max} bytes (publish.max_body_bytes)"),
+        );
+    };
+    let messages = match parse(&app, &bytes) {
+        Ok(m) => m,
+        Err(why) => {
+            app.metrics.publish_requests.inc(&["400"]);
+            return error(StatusCode::BAD_REQUEST, &why);
+        }
+    };
+    let ids: Vec<String> = messages.iter().map(|m| m.id.clone()).collect();
+    match app.broker.publish(&app, messages).await {
+        Ok(()) => {
+            app.metrics.publish_requests.inc(&["200"]);
+            Json(json!({"published": ids.len(), "ids": ids})).into_response()
+        }
+        Err(e) => {
+            app.metrics.publish_requests.inc(&["503"]);
+            error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
+        }
+    }
+}

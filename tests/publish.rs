@@ -1,0 +1,412 @@
+//! The publish API: targets, authentication, bad bodies, channel replay; with the memory broker on one instance,
+//! and with a real Redis between two instances.
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::keycloak::{sub_of, PUBLISHER_CLIENT, PUBLISHER_SECRET};
+use support::{Client, Keycloak};
+use tabhub::commands::Registry;
+
+const SECRET: &str = "s3cret-for-tests";
+
+fn config(kc: &Keycloak) -> tabhub::Config {
+    let mut c = support::config(kc);
+    c.publish.clients = vec![PUBLISHER_CLIENT.into()];
+    c.publish.shared_secret = SECRET.into();
+    c.publish.max_body_bytes = 64 * 1024;
+    c
+}
+
+/// A client-credentials token of the fixture realm's service account.
+async fn service_token(kc: &Keycloak) -> String {
+    let r: Value = reqwest::Client::new()
+        .post(format!("{}/protocol/openid-connect/token", kc.issuer()))
+        .basic_auth(PUBLISHER_CLIENT, Some(PUBLISHER_SECRET))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    r["access_token"]
+        .as_str()
+        .expect("service-account token")
+        .to_owned()
+}
+
+async fn publish(t: &tabhub::Running, bearer: &str, body: Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/api/publish", t.local_addr()))
+        .bearer_auth(bearer)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn user_topic_and_broadcast_targets_reach_exactly_their_tabs() {
+    let kc = Keycloak::start().await;
+    let t = support::start(config(&kc), Registry::builtin()).await;
+    let url = support::ws_url(&t);
+    let (mut a1, mut a2, mut b) = (
+        Client::connect(&url, &kc.token("alice")).await,
+        Client::connect(&url, &kc.token("alice")).await,
+        Client::connect(&url, &kc.token("bob")).await,
+    );
+    let token = service_token(&kc).await;
+
+    // An orchestrator-core event to alice passes through unchanged.
+    let event = json!({"type": "processes", "id": "LIST"});
+    let (status, body) = publish(
+        &t,
+        &token,
+        json!({"target": {"user": sub_of("alice")}, "type": "invalidateCache", "data": event}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    for c in [&mut a1, &mut a2] {
+        let m = c.recv().await;
+        assert_eq!(
+            (m["scope"].as_str(), m["type"].as_str()),
+            (Some("user"), Some("invalidateCache"))
+        );
+        assert_eq!(m["data"], event);
+        assert_eq!(m["eventId"], body["ids"][0]);
+        assert!(m["timestamp"].is_string());
+        c.expect_silence(Duration::from_millis(150)).await;
+    }
+    b.expect_silence(Duration::from_millis(100)).await;
+
+    // A topic reaches exactly its subscribers.
+    a1.send("subscribe", json!({"topic": "/events/orders"}), None)
+        .await;
+    a1.recv_type("subscribed").await;
+    b.send("subscribe", json!({"topic": "/events/orders"}), None)
+        .await;
+    b.recv_type("subscribed").await;
+    let (status, _) = publish(
+        &t,
+        SECRET,
+        json!({"target": {"topic": "/events/orders"}, "type": "orderPlaced", "data": {"n": 1}}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    for c in [&mut a1, &mut b] {
+        let m = c.recv().await;
+        assert_eq!(
+            (m["scope"].as_str(), m["topic"].as_str()),
+            (Some("topic"), Some("/events/orders"))
+        );
+        assert_eq!(m["data"], json!({"n": 1}));
+    }
+    a2.expect_silence(Duration::from_millis(150)).await;
+
+    // Broadcast: everyone, once.
+    let (status, _) = publish(
+        &t,
+        SECRET,
+        json!({"target": {"broadcast": true}, "type": "maintenance", "data": "soon"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    for c in [&mut a1, &mut a2, &mut b] {
+        let m = c.recv().await;
+        assert_eq!(
+            (m["scope"].as_str(), m["type"].as_str()),
+            (Some("broadcast"), Some("maintenance"))
+        );
+        c.expect_silence(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_batch_is_delivered_in_order() {
+    let kc = Keycloak::start().await;
+    let t = support::start(config(&kc), Registry::builtin()).await;
+    let mut a = Client::connect(&support::ws_url(&t), &kc.token("alice")).await;
+    let messages: Vec<Value> = (0..10)
+        .map(|i| json!({"target": {"user": sub_of("alice")}, "type": "step", "data": {"i": i}}))
+        .collect();
+    let (status, body) = publish(&t, SECRET, json!({ "messages": messages })).await;
+    assert_eq!((status, body["published"].as_u64()), (200, Some(10)));
+    for i in 0..10 {
+        assert_eq!(a.recv().await["data"]["i"], i);
+    }
+}
+
+#[tokio::test]
+async fn publishers_are_authenticated_and_bodies_checked() {
+    let kc = Keycloak::start().await;
+    let t = support::start(config(&kc), Registry::builtin()).await;
+    let ok = json!({"target": {"broadcast": true}, "type": "x", "data": {}});
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/api/publish", t.local_addr());
+    let r = http.post(&url).json(&ok).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers().contains_key("www-authenticate"));
+    assert!(r.json::<Value>().await.unwrap()["error"].is_string());
+    assert_eq!(publish(&t, "wrong-secret", ok.clone()).await.0, 401);
+    // A valid user token of the UI client: authenticated, not allowed.
+    assert_eq!(publish(&t, &kc.token("alice"), ok.clone()).await.0, 403);
+    assert_eq!(
+        publish(&t, &service_token(&kc).await, ok.clone()).await.0,
+        200
+    );
+
+    for (body, want) in [
+        (json!({"target": {"user": "u"}}), "type"),
+        (json!({"target": {"planet": "x"}, "type": "x"}), "target"),
+        (
+            json!({"target": {"topic": "/project/1/push"}, "type": "x"}),
+            "publish namespace",
+        ),
+        (
+            json!({"target": {"topic": "/elsewhere/x"}, "type": "x"}),
+            "publish namespace",
+        ),
+        (
+            json!({"messages": [ok.clone(), {"target": {"broadcast": true}}]}),
+            "messages[1]",
+        ),
+        (json!({"messages": []}), "empty"),
+        (json!([1]), "JSON object"),
+    ] {
+        let (status, r) = publish(&t, SECRET, body.clone()).await;
+        assert_eq!(status, 400, "{body}");
+        assert!(r["error"].as_str().unwrap().contains(want), "{body}: {r}");
+    }
+    let r = http
+        .post(&url)
+        .bearer_auth(SECRET)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let big = json!({"target": {"broadcast": true}, "type": "x", "data": "y".repeat(100_000)});
+    assert_eq!(publish(&t, SECRET, big).await.0, 413);
+}
+
+#[tokio::test]
+async fn resubscribing_with_last_event_id_gets_what_was_missed() {
+    let kc = Keycloak::start().await;
+    let t = support::start(config(&kc), Registry::builtin()).await;
+    let url = support::ws_url(&t);
+    let mut a = Client::connect(&url, &kc.token("alice")).await;
+    a.send("subscribe", json!({"topic": "/events/a"}), None)
+        .await;
+    a.recv_type("subscribed").await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let (_, r) = publish(
+            &t,
+            SECRET,
+            json!({"target": {"topic": "/events/a"}, "type": "t", "data": {"i": i}}),
+        )
+        .await;
+        ids.push(r["ids"][0].as_str().unwrap().to_owned());
+        assert_eq!(a.recv().await["eventId"], ids[i]);
+    }
+    // A reconnecting tab that saw the first message gets the two others, after its acknowledgement.
+    let mut again = Client::connect(&url, &kc.token("alice")).await;
+    again
+        .send(
+            "subscribe",
+            json!({"topic": "/events/a", "lastEventId": ids[0]}),
+            None,
+        )
+        .await;
+    assert_eq!(again.recv().await["type"], "subscribed");
+    assert_eq!(again.recv().await["eventId"], ids[1]);
+    assert_eq!(again.recv().await["eventId"], ids[2]);
+    // Topics outside the namespaces are refused with a clear error.
+    again
+        .send("subscribe", json!({"topic": "/private/x"}), None)
+        .await;
+    let e = again.recv().await;
+    assert!(
+        e["data"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("publish namespace"),
+        "{e}"
+    );
+}
+
+// ---- Redis ----
+
+struct RedisServer {
+    child: Child,
+    port: u16,
+}
+
+impl RedisServer {
+    fn start_on(port: u16) -> RedisServer {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("redis-server is needed for this test ({e}); run `bash .ci/test`, which installs it"));
+        RedisServer { child, port }
+    }
+
+    fn start() -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        RedisServer::start_on(port)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn redis_instance(kc: &Keycloak, redis: &RedisServer, id: &str) -> tabhub::Running {
+    let mut c = config(kc);
+    c.instance_id = id.into();
+    c.broker.kind = "redis".into();
+    c.broker.redis_url = redis.url();
+    c.broker.reconnect_initial_ms = 50;
+    c.broker.reconnect_max_ms = 200;
+    let t = support::start(c, Registry::builtin()).await;
+    support::eventually(&format!("{id} subscribed to Redis"), || {
+        t.app().broker.state() == "up"
+    })
+    .await;
+    t
+}
+
+#[tokio::test]
+async fn through_redis_a_message_reaches_another_instance_exactly_once() {
+    let kc = Keycloak::start().await;
+    let redis = RedisServer::start();
+    let a = redis_instance(&kc, &redis, "a").await;
+    let b = redis_instance(&kc, &redis, "b").await;
+    let (mut t1, mut t2) = (
+        Client::connect(&support::ws_url(&b), &kc.token("alice")).await,
+        Client::connect(&support::ws_url(&b), &kc.token("alice")).await,
+    );
+    let mut on_a = Client::connect(&support::ws_url(&a), &kc.token("bob")).await;
+    t1.send("subscribe", json!({"topic": "/events/x"}), None)
+        .await;
+    t1.recv_type("subscribed").await;
+
+    let token = service_token(&kc).await;
+    for i in 0..20 {
+        let (status, body) = publish(
+            &a,
+            &token,
+            json!({"target": {"user": sub_of("alice")}, "type": "n", "data": {"i": i}}),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    for c in [&mut t1, &mut t2] {
+        for i in 0..20 {
+            assert_eq!(
+                c.recv().await["data"]["i"],
+                i,
+                "order kept for one publisher"
+            );
+        }
+    }
+    assert_eq!(
+        publish(
+            &a,
+            SECRET,
+            json!({"target": {"topic": "/events/x"}, "type": "t", "data": {}})
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(t1.recv().await["topic"], "/events/x");
+    assert_eq!(
+        publish(
+            &b,
+            SECRET,
+            json!({"target": {"broadcast": true}, "type": "all", "data": {}})
+        )
+        .await
+        .0,
+        200
+    );
+    for c in [&mut t1, &mut t2, &mut on_a] {
+        assert_eq!(c.recv().await["type"], "all");
+        c.expect_silence(Duration::from_millis(300)).await;
+    }
+    // A publisher without the right client is refused on any instance.
+    assert_eq!(
+        publish(
+            &b,
+            &kc.token("alice"),
+            json!({"target": {"broadcast": true}, "type": "x"})
+        )
+        .await
+        .0,
+        403
+    );
+}
+
+#[tokio::test]
+async fn redis_down_means_503_and_degraded_then_recovery() {
+    let kc = Keycloak::start().await;
+    let mut redis = RedisServer::start();
+    let port = redis.port;
+    let a = redis_instance(&kc, &redis, "a").await;
+    let mut tab = Client::connect(&support::ws_url(&a), &kc.token("alice")).await;
+    let body = json!({"target": {"user": sub_of("alice")}, "type": "n", "data": {}});
+    redis.stop();
+    support::eventually_async("publish fails with 503", || {
+        let (a, body) = (&a, body.clone());
+        async move { publish(a, SECRET, body).await.0 == 503 }
+    })
+    .await;
+    let (status, err) = publish(&a, SECRET, body.clone()).await;
+    assert_eq!(status, 503);
+    assert!(
+        err["error"].as_str().unwrap().contains("unavailable"),
+        "{err}"
+    );
+    let ready: Value = reqwest::get(format!("http://{}/readyz", a.local_addr()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["broker"], "down");
+    assert!(ready["status"].as_str().unwrap().contains("degraded"));
+    assert!(a.app().metrics.render().contains("tabhub_broker_up 0"));
+
+    let _redis = RedisServer::start_on(port);
+    support::eventually("resubscribed", || a.app().broker.state() == "up").await;
+    support::eventually_async("publish works again", || {
+        let (a, body) = (&a, body.clone());
+        async move { publish(a, SECRET, body).await.0 == 200 }
+    })
+    .await;
+    assert_eq!(tab.recv().await["type"], "n");
+}
