@@ -390,7 +390,7 @@ async fn bad_topics_and_limits_are_clear_errors() {
     })
     .await;
     let mut a = s.tab("alice").await;
-    a.send("subscribe", json!({"topic": "/projects/1"}), Some(json!(1)))
+    a.send("subscribe", json!({"topic": "project/1"}), Some(json!(1)))
         .await;
     let e = a.recv().await;
     assert_eq!(
@@ -401,6 +401,14 @@ async fn bad_topics_and_limits_are_clear_errors() {
         .as_str()
         .unwrap()
         .contains("expected /project/<id>/<eventType>"));
+    a.send("subscribe", json!({"topic": "/projects/1"}), None)
+        .await;
+    let e = a.recv().await;
+    let msg = e["data"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("not a project topic nor in a publish namespace"),
+        "{msg}"
+    );
     subscribe(&mut a, "/project/1/a", None).await;
     subscribe(&mut a, "/project/2/a", None).await;
     a.send("subscribe", json!({"topic": "/project/1/b"}), None)
