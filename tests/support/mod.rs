@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod keycloak;
+pub mod process;
 
 use std::net::SocketAddr;
 use std::time::Duration;
