@@ -160,3 +160,17 @@ impl Client {
         .await;
     }
 }
+
+impl Client {
+    /// Connects with a prepared request (any URL and headers: credentials, cookies, tags), without reading
+    /// anything.
+    pub async fn connect_request(
+        req: tokio_tungstenite::tungstenite::handshake::client::Request,
+    ) -> Result<Client, WsError> {
+        let (ws, resp) = tokio_tungstenite::connect_async(req).await?;
+        Ok(Client {
+            ws,
+            response_headers: resp.headers().clone(),
+        })
+    }
+}

@@ -5,6 +5,7 @@
 pub mod client;
 pub mod gateway;
 pub mod keycloak;
+pub mod process;
 
 use std::net::SocketAddr;
 use std::time::Duration;
