@@ -11,6 +11,7 @@ use futures_util::{Stream, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
+use tracing::Instrument;
 
 use crate::app::App;
 use crate::auth::{AuthError, Verified};
@@ -54,8 +55,6 @@ pub async fn run<S>(
             return;
         }
     };
-    let span = tracing::info_span!("tab", user = %verified.user.id, tab = tab.id);
-    let _entered = span.enter();
     tab.send(protocol::encode(
         "init",
         &json!({
@@ -89,10 +88,12 @@ pub async fn run<S>(
             return;
         }
     };
-    drop(_entered);
+    let span = tracing::info_span!(parent: &session.span, "tab", tab = tab.id);
     tracing::debug!(parent: &span, %peer, "tab joined");
 
-    read_loop(&app, &session, &tab, &mut stream).await;
+    read_loop(&app, &session, &tab, &mut stream)
+        .instrument(span.clone())
+        .await;
 
     tab.close(close_codes::NORMAL, "");
     app.hub.leave(&app, &session, tab.id);

@@ -16,16 +16,14 @@ use tabhub_commands::{LoopContext, LoopFunction};
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::context::LoopCtx;
 use crate::session::Session;
 
-pub(crate) fn spawn(
-    session: Weak<Session>,
-    function: LoopFunction,
-    wake: Arc<Notify>,
-) -> AbortHandle {
-    tokio::spawn(run(session, function, wake)).abort_handle()
+pub(crate) fn spawn(session: &Arc<Session>, function: LoopFunction, wake: Arc<Notify>) -> AbortHandle {
+    let span = tracing::info_span!(parent: &session.span, "loop", function = %function.name);
+    tokio::spawn(run(Arc::downgrade(session), function, wake).instrument(span)).abort_handle()
 }
 
 async fn run(session: Weak<Session>, function: LoopFunction, wake: Arc<Notify>) {

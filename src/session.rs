@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 use tabhub_commands::{Cadence, LoopFunction, Notification, SessionData, User};
 use tokio::sync::{watch, Notify};
+use tracing::Instrument;
 use tokio::task::AbortHandle;
 
 use crate::app::App;
@@ -57,6 +58,9 @@ pub enum AttachError {
 
 pub struct Session {
     pub user: User,
+    /// The session's tracing span: tabs, loops and upstream streams log under it (user id only, never tokens or
+    /// session ids).
+    pub span: tracing::Span,
     app: Arc<App>,
     data: SessionData,
     inner: Mutex<Inner>,
@@ -74,6 +78,7 @@ fn now_unix() -> u64 {
 impl Session {
     pub(crate) fn new(app: Arc<App>, user: User) -> Arc<Session> {
         let session = Arc::new(Session {
+            span: tracing::info_span!("session", user = %user.id),
             user,
             app,
             data: SessionData::default(),
@@ -317,7 +322,7 @@ impl Session {
         let wake = Arc::new(Notify::new());
         let name = function.name.to_string();
         let cadence = function.cadence;
-        let task = crate::loops::spawn(Arc::downgrade(self), function, wake.clone());
+        let task = crate::loops::spawn(self, function, wake.clone());
         inner.loops.insert(
             name,
             LoopSlot {
@@ -526,12 +531,11 @@ impl Session {
             ..
         } = action
         {
-            let task = tokio::spawn(crate::upstream::run(
-                Arc::downgrade(self),
-                project.clone(),
-                filter,
-                generation,
-            ))
+            let span = tracing::info_span!(parent: &self.span, "upstream", project = %project);
+            let task = tokio::spawn(
+                crate::upstream::run(Arc::downgrade(self), project.clone(), filter, generation)
+                    .instrument(span),
+            )
             .abort_handle();
             if let Some(s) = inner.subs.stream_mut(&project) {
                 s.task = Some(task);
