@@ -21,7 +21,11 @@ use tracing::Instrument;
 use crate::context::LoopCtx;
 use crate::session::Session;
 
-pub(crate) fn spawn(session: &Arc<Session>, function: LoopFunction, wake: Arc<Notify>) -> AbortHandle {
+pub(crate) fn spawn(
+    session: &Arc<Session>,
+    function: LoopFunction,
+    wake: Arc<Notify>,
+) -> AbortHandle {
     let span = tracing::info_span!(parent: &session.span, "loop", function = %function.name);
     tokio::spawn(run(Arc::downgrade(session), function, wake).instrument(span)).abort_handle()
 }

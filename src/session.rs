@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 use tabhub_commands::{Cadence, LoopFunction, Notification, SessionData, User};
 use tokio::sync::{watch, Notify};
-use tracing::Instrument;
 use tokio::task::AbortHandle;
+use tracing::Instrument;
 
 use crate::app::App;
 use crate::auth::Verified;

@@ -501,3 +501,24 @@ async fn introspection_sees_revocation_at_the_handshake_and_is_cached() {
         .unwrap()
         .contains("revoked"));
 }
+
+#[tokio::test]
+async fn an_unreachable_keycloak_is_retried_until_the_token_really_expires() {
+    let s = setup(Duration::from_secs(12)).await;
+    let cookie = s.login("/").await;
+    let mut a = s.tab(&cookie).await;
+    s.kc.realm().set_unreachable(true);
+    let started = std::time::Instant::now();
+    let (code, msgs) = a.closed_within(Duration::from_secs(25)).await;
+    assert_eq!(code, Some(4002));
+    assert!(
+        msgs.iter().any(|m| m["data"]["authExpired"] == true),
+        "{msgs:?}"
+    );
+    // Refreshing starts 10 s before expiry; the tab lives until the token's real expiry (12 s after login).
+    assert!(
+        started.elapsed() >= Duration::from_secs(8),
+        "closed too early: {:?}",
+        started.elapsed()
+    );
+}

@@ -342,3 +342,30 @@ async fn sigterm_drains_and_exits_zero() {
         "a token signature reached the logs"
     );
 }
+
+#[tokio::test]
+async fn a_peer_that_never_answers_pings_is_dropped() {
+    let kc = Keycloak::start().await;
+    let mut c = support::config(&kc);
+    c.websocket.ping_interval_ms = 100;
+    c.websocket.idle_timeout_ms = 400;
+    let t = support::start(c, Registry::builtin()).await;
+    let url = support::ws_url(&t);
+    // A live client answers pings (tungstenite does it while reading) and stays.
+    let mut live = Client::connect(&url, &kc.token("alice")).await;
+    let silent = stalled_client(&url, &kc.token("bob")).await;
+    // The live client reads (and so answers pings) for several idle timeouts.
+    live.expect_silence(Duration::from_millis(1_500)).await;
+    support::eventually("the silent tab is dropped", || {
+        t.app().metrics.idle_drops.get() == 1
+    })
+    .await;
+    live.send("ping", json!({}), Some(json!("still"))).await;
+    assert_eq!(live.recv_type("ack").await["id"], "still");
+    assert!(t
+        .app()
+        .hub
+        .get(&support::keycloak::sub_of("alice"))
+        .is_some());
+    drop(silent);
+}

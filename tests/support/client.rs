@@ -130,8 +130,13 @@ impl Client {
 
     /// Reads until the server closes; returns the close code and the text messages received before it.
     pub async fn closed(&mut self) -> (Option<u16>, Vec<Value>) {
+        self.closed_within(WAIT).await
+    }
+
+    /// [`Client::closed`] with another bound.
+    pub async fn closed_within(&mut self, bound: Duration) -> (Option<u16>, Vec<Value>) {
         let mut got = Vec::new();
-        let deadline = tokio::time::Instant::now() + WAIT;
+        let deadline = tokio::time::Instant::now() + bound;
         loop {
             let next = tokio::time::timeout_at(deadline, self.ws.next())
                 .await
