@@ -92,8 +92,9 @@ pub struct RunArgs {
     /// Most tabs per client process (each process has a hard limit of 20,000 open files).
     #[arg(long, default_value_t = 8_000)]
     pub tabs_per_worker: usize,
-    /// Handshakes in flight per client process.
-    #[arg(long, default_value_t = 128)]
+    /// Handshakes in flight per client process. Beyond 128 in all, tabhub's accept queue (tokio's default
+    /// backlog, 128) overflows and SYNs wait for their retransmission (1 s).
+    #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
     /// The tabhub binary; default: `tabhub` beside this one (rebuilt first when run through cargo).
     #[arg(long)]

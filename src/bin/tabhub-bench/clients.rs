@@ -415,9 +415,9 @@ async fn run_tab(sh: Arc<Shared>, round: Arc<Round>, user: usize, slot: usize) {
 async fn open(sh: &Shared, user: usize, slot: usize) -> Result<(Ws, Instant), String> {
     let step = Duration::from_secs(15);
     let socket = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
-    socket
-        .set_reuseaddr(true)
-        .map_err(|e| format!("reuseaddr: {e}"))?;
+    // The port is chosen at connect time, for the whole 4-tuple: no collision with a connection of the same
+    // ports still closing (which would cost a SYN retransmission, a second), and 28,000 ports per address.
+    bind_address_no_port(&socket).map_err(|e| format!("IP_BIND_ADDRESS_NO_PORT: {e}"))?;
     socket
         .bind(SocketAddr::new(sh.from, 0))
         .map_err(|e| format!("bind {}: {e}", sh.from))?;
@@ -495,6 +495,26 @@ async fn open(sh: &Shared, user: usize, slot: usize) -> Result<(Ws, Instant), St
             .map_err(|e| format!("send: {e}"))?;
     }
     Ok((ws, init_at))
+}
+
+fn bind_address_no_port(socket: &TcpSocket) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket and a c_int option of the right size.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// The next message, within `step`; a close or an error is an error.

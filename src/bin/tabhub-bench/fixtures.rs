@@ -90,8 +90,13 @@ pub fn main(a: FixturesArgs) -> ExitCode {
 }
 
 async fn serve(a: FixturesArgs) -> Result<(), String> {
-    let listener = tokio::net::TcpListener::bind(a.listen)
-        .await
+    // A deep accept queue: tabhub opens thousands of upstream streams at once (tokio's default backlog is 128).
+    let listener = tokio::net::TcpSocket::new_v4()
+        .and_then(|s| {
+            s.set_reuseaddr(true)?;
+            s.bind(a.listen)?;
+            s.listen(4096)
+        })
         .map_err(|e| format!("listen {}: {e}", a.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let base = format!("http://{addr}");

@@ -333,10 +333,26 @@ pub fn tabhub_binary(args: &RunArgs) -> Result<PathBuf, String> {
             .is_some_and(|n| n == "release");
         let mut cmd = std::process::Command::new(cargo);
         cmd.current_dir(dir).args(["build", "--bin", "tabhub"]);
+        // What `cargo run` sets for the program it runs must not reach this build: some build scripts track
+        // these variables (ring: CARGO_MANIFEST_DIR), and a change rebuilds them and everything above them.
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy();
+            if k.starts_with("CARGO_PKG_")
+                || k.starts_with("CARGO_BIN_")
+                || k.starts_with("CARGO_MANIFEST_")
+                || k == "CARGO_CRATE_NAME"
+                || k == "CARGO_PRIMARY_PACKAGE"
+            {
+                cmd.env_remove(k.as_ref());
+            }
+        }
         if release {
             cmd.arg("--release");
         }
-        eprintln!("tabhub-bench: building tabhub ({cmd:?})");
+        eprintln!(
+            "tabhub-bench: cargo build --bin tabhub{}",
+            if release { " --release" } else { "" }
+        );
         let status = cmd.status().map_err(|e| format!("cargo build: {e}"))?;
         if !status.success() {
             return Err("cargo build --bin tabhub failed".into());
