@@ -1,0 +1,619 @@
+//! `tabhub-bench client`: one load process. It holds the tabs of a range of users (its `--plan`), all bound to
+//! one source address (`--from`, 127.0.0.x) so that no address runs out of ports, and obeys JSON commands on
+//! stdin, answering JSON lines on stdout:
+//!
+//! - `{"cmd":"connect","drop_first":bool}`: (drops its tabs, then) opens them, at most `--concurrency`
+//!   handshakes in flight; a tab is ready once `init` came and its topics are `subscribed`. Answers
+//!   `connected` with handshake times and failures.
+//! - `{"cmd":"reload","from":a,"to":b,"slot":s,"times":n,"gap_ms":g}`: closes and reopens tab `s` of users
+//!   `a..b`, `n` times.
+//! - `{"cmd":"report","reset":bool,...}`: latencies of events (emit -> receipt) and of session changes
+//!   (gateway change -> receipt), counts, close codes.
+//! - `{"cmd":"quit"}`, or stdin closed, or `--max-seconds`: exits.
+//!
+//! Tokens are forged here, one per user (see [`crate::tokens`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::io::AsyncBufReadExt;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::AbortHandle;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::procs::unix_ns;
+use crate::tokens;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// tabhub's websocket URL, `ws://127.0.0.1:<port>/ws`.
+    #[arg(long)]
+    pub url: String,
+    /// Source address of every socket.
+    #[arg(long, default_value = "127.0.0.2")]
+    pub from: IpAddr,
+    /// Users and tabs: `a-b:T,...` (users a..b, T tabs each).
+    #[arg(long)]
+    pub plan: String,
+    /// Topics per tab (event types on the user's project).
+    #[arg(long, default_value_t = 0)]
+    pub topics: usize,
+    /// The realm's issuer (`iss` of the tokens).
+    #[arg(long)]
+    pub issuer: String,
+    /// A command each tab sends once ready (the session-status loop).
+    #[arg(long)]
+    pub loop_command: Option<String>,
+    #[arg(long, default_value_t = 128)]
+    pub concurrency: usize,
+    #[arg(long, default_value_t = 1_800)]
+    pub max_seconds: u64,
+}
+
+type Ws = WebSocketStream<TcpStream>;
+type TabKey = (usize, usize);
+
+/// What every tab of this process shares.
+struct Shared {
+    addr: SocketAddr,
+    url: String,
+    from: IpAddr,
+    topics: Vec<String>,
+    loop_command: Option<String>,
+    tokens: HashMap<usize, String>,
+    sem: Semaphore,
+    stats: Mutex<Stats>,
+    open: AtomicUsize,
+}
+
+#[derive(Default)]
+struct Stats {
+    events: u64,
+    event_lat_us: Vec<u32>,
+    changes: u64,
+    change_lat_us: Vec<u32>,
+    messages: u64,
+    closes: BTreeMap<String, u64>,
+    /// Per tab: when it became ready and the newest session change (`benchT`) it received.
+    tabs: HashMap<TabKey, (u64, u64)>,
+}
+
+/// One batch of tabs being opened.
+struct Round {
+    expected: usize,
+    ok: AtomicUsize,
+    failed: AtomicUsize,
+    attempts_failed: AtomicUsize,
+    last_init_ns: AtomicU64,
+    last_ready_ns: AtomicU64,
+    handshake_us: Mutex<Vec<u32>>,
+    errors: Mutex<BTreeMap<String, u64>>,
+    done: Notify,
+}
+
+impl Round {
+    fn new(expected: usize) -> Arc<Round> {
+        Arc::new(Round {
+            expected,
+            ok: AtomicUsize::new(0),
+            failed: AtomicUsize::new(0),
+            attempts_failed: AtomicUsize::new(0),
+            last_init_ns: AtomicU64::new(0),
+            last_ready_ns: AtomicU64::new(0),
+            handshake_us: Mutex::new(Vec::with_capacity(expected)),
+            errors: Mutex::new(BTreeMap::new()),
+            done: Notify::new(),
+        })
+    }
+
+    fn finished(&self) -> bool {
+        self.ok.load(Ordering::Acquire) + self.failed.load(Ordering::Acquire) >= self.expected
+    }
+
+    fn end_one(&self, ok: bool) {
+        if ok {
+            self.ok.fetch_add(1, Ordering::AcqRel);
+            self.last_ready_ns.fetch_max(unix_ns(), Ordering::AcqRel);
+        } else {
+            self.failed.fetch_add(1, Ordering::AcqRel);
+        }
+        if self.finished() {
+            self.done.notify_one();
+        }
+    }
+
+    fn error(&self, e: String) {
+        self.attempts_failed.fetch_add(1, Ordering::AcqRel);
+        *lock(&self.errors).entry(e).or_default() += 1;
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn say(v: Value) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{v}");
+    let _ = out.flush();
+}
+
+/// `a-b:T,...` -> every (user, slot).
+fn parse_plan(plan: &str) -> Result<Vec<TabKey>, String> {
+    let mut tabs = Vec::new();
+    for part in plan.split(',').filter(|p| !p.is_empty()) {
+        let bad = || format!("bad plan part {part:?}: expected a-b:T");
+        let (range, t) = part.split_once(':').ok_or_else(bad)?;
+        let (a, b) = range.split_once('-').ok_or_else(bad)?;
+        let (a, b, t): (usize, usize, usize) = (
+            a.parse().map_err(|_| bad())?,
+            b.parse().map_err(|_| bad())?,
+            t.parse().map_err(|_| bad())?,
+        );
+        for u in a..b {
+            for s in 0..t {
+                tabs.push((u, s));
+            }
+        }
+    }
+    Ok(tabs)
+}
+
+pub fn main(a: ClientArgs) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("client: runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let max = Duration::from_secs(a.max_seconds);
+    let result = rt.block_on(async move {
+        tokio::select! {
+            r = run(a) => r,
+            _ = tokio::time::sleep(max) => Err("--max-seconds reached".into()),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("client: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(a: ClientArgs) -> Result<(), String> {
+    let all_tabs = parse_plan(&a.plan)?;
+    let mut users: Vec<usize> = all_tabs.iter().map(|t| t.0).collect();
+    users.dedup();
+    let addr: SocketAddr = a
+        .url
+        .trim_start_matches("ws://")
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .parse()
+        .map_err(|e| format!("--url {}: {e}", a.url))?;
+    let started = Instant::now();
+    let minted = tokens::mint_all(&a.issuer, &users, 2, 3_600);
+    say(json!({
+        "ev": "minted",
+        "users": users.len(),
+        "tabs": all_tabs.len(),
+        "ms": started.elapsed().as_millis() as u64,
+    }));
+    let sh = Arc::new(Shared {
+        addr,
+        url: a.url.clone(),
+        from: a.from,
+        topics: tokens::event_types(a.topics),
+        loop_command: a.loop_command.clone(),
+        tokens: users.iter().copied().zip(minted).collect(),
+        sem: Semaphore::new(a.concurrency.max(1)),
+        stats: Mutex::new(Stats::default()),
+        open: AtomicUsize::new(0),
+    });
+    let mut handles: HashMap<TabKey, AbortHandle> = HashMap::new();
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = lines.next_line().await.map_err(|e| e.to_string())? {
+        let cmd: Value = match serde_json::from_str(&line) {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("client: bad command {line:?}: {e}");
+                continue;
+            }
+        };
+        match cmd["cmd"].as_str().unwrap_or("") {
+            "connect" => {
+                let drop_first = cmd["drop_first"].as_bool().unwrap_or(false);
+                let timeout = Duration::from_secs(cmd["timeout_s"].as_u64().unwrap_or(300));
+                let r = open_round(&sh, &mut handles, &all_tabs, drop_first, timeout).await;
+                say(r);
+            }
+            "reload" => {
+                let (from, to) = (
+                    cmd["from"].as_u64().unwrap_or(0) as usize,
+                    cmd["to"].as_u64().unwrap_or(0) as usize,
+                );
+                let slot = cmd["slot"].as_u64().unwrap_or(0) as usize;
+                let times = cmd["times"].as_u64().unwrap_or(1);
+                let gap = Duration::from_millis(cmd["gap_ms"].as_u64().unwrap_or(200));
+                let which: Vec<TabKey> = all_tabs
+                    .iter()
+                    .copied()
+                    .filter(|&(u, s)| u >= from && u < to && s == slot)
+                    .collect();
+                let (mut ok, mut failed) = (0, 0);
+                for _ in 0..times {
+                    for k in &which {
+                        if let Some(h) = handles.remove(k) {
+                            h.abort();
+                        }
+                    }
+                    tokio::time::sleep(gap / 2).await;
+                    let r =
+                        open_round(&sh, &mut handles, &which, false, Duration::from_secs(60)).await;
+                    ok += r["ok"].as_u64().unwrap_or(0);
+                    failed += r["failed"].as_u64().unwrap_or(0);
+                    tokio::time::sleep(gap / 2).await;
+                }
+                say(json!({"ev": "reloaded", "ok": ok, "failed": failed, "tabs": which.len()}));
+            }
+            "report" => {
+                say(report(&sh, &cmd));
+            }
+            "quit" => break,
+            other => eprintln!("client: unknown command {other:?}"),
+        }
+    }
+    for (_, h) in handles.drain() {
+        h.abort();
+    }
+    Ok(())
+}
+
+/// Opens `which` (after dropping them when asked), waits until each is ready or failed, and reports.
+async fn open_round(
+    sh: &Arc<Shared>,
+    handles: &mut HashMap<TabKey, AbortHandle>,
+    which: &[TabKey],
+    drop_first: bool,
+    timeout: Duration,
+) -> Value {
+    let drop_ns = unix_ns();
+    if drop_first {
+        for k in which {
+            if let Some(h) = handles.remove(k) {
+                h.abort();
+            }
+        }
+        // Let the aborted tasks go (their sockets close) before reconnecting.
+        tokio::task::yield_now().await;
+    }
+    let fresh: Vec<TabKey> = which
+        .iter()
+        .copied()
+        .filter(|k| !handles.contains_key(k))
+        .collect();
+    let round = Round::new(fresh.len());
+    let start_ns = unix_ns();
+    for &(user, slot) in &fresh {
+        let h = tokio::spawn(run_tab(sh.clone(), round.clone(), user, slot)).abort_handle();
+        handles.insert((user, slot), h);
+    }
+    let waited = tokio::time::timeout(timeout, async {
+        while !round.finished() {
+            round.done.notified().await;
+        }
+    })
+    .await;
+    let handshake_us = std::mem::take(&mut *lock(&round.handshake_us));
+    json!({
+        "ev": "connected",
+        "tabs": fresh.len(),
+        "ok": round.ok.load(Ordering::Acquire),
+        "failed": round.failed.load(Ordering::Acquire),
+        "attempts_failed": round.attempts_failed.load(Ordering::Acquire),
+        "timed_out": waited.is_err(),
+        "errors": *lock(&round.errors),
+        "drop_ns": drop_ns,
+        "start_ns": start_ns,
+        "last_init_ns": round.last_init_ns.load(Ordering::Acquire),
+        "last_ready_ns": round.last_ready_ns.load(Ordering::Acquire),
+        "handshake_us": handshake_us,
+        "open": sh.open.load(Ordering::Acquire),
+    })
+}
+
+/// Decrements the open count when a tab's task ends, aborted or not.
+struct OpenGuard<'a>(&'a AtomicUsize);
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+async fn run_tab(sh: Arc<Shared>, round: Arc<Round>, user: usize, slot: usize) {
+    let mut failures = 0u32;
+    let mut ws = loop {
+        let permit = sh.sem.acquire().await;
+        let t0 = Instant::now();
+        match open(&sh, user, slot).await {
+            Ok((ws, init_at)) => {
+                drop(permit);
+                lock(&round.handshake_us).push((init_at - t0).as_micros() as u32);
+                let init_ns = unix_ns().saturating_sub(init_at.elapsed().as_nanos() as u64);
+                round.last_init_ns.fetch_max(init_ns, Ordering::AcqRel);
+                break ws;
+            }
+            Err(e) => {
+                drop(permit);
+                round.error(e);
+                failures += 1;
+                if failures >= 3 {
+                    round.end_one(false);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100 * u64::from(failures))).await;
+            }
+        }
+    };
+    sh.open.fetch_add(1, Ordering::AcqRel);
+    let _open = OpenGuard(&sh.open);
+    let ready_ns = unix_ns();
+    lock(&sh.stats).tabs.insert((user, slot), (ready_ns, 0));
+    round.end_one(true);
+    let mut last_change = 0u64;
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => {
+                on_text(&sh, t.as_str(), (user, slot), ready_ns, &mut last_change)
+            }
+            Some(Ok(Message::Close(f))) => {
+                let code = f.map_or(0, |f| u16::from(f.code));
+                *lock(&sh.stats)
+                    .closes
+                    .entry(format!("closed {code}"))
+                    .or_default() += 1;
+                break;
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                *lock(&sh.stats)
+                    .closes
+                    .entry(format!("error: {e}"))
+                    .or_default() += 1;
+                break;
+            }
+            None => {
+                *lock(&sh.stats).closes.entry("ended".into()).or_default() += 1;
+                break;
+            }
+        }
+    }
+    lock(&sh.stats).tabs.remove(&(user, slot));
+}
+
+/// Connects, waits for `init`, subscribes and waits for the acknowledgements, sends the loop command.
+/// Returns the socket and when `init` arrived (the end of the authenticated handshake).
+async fn open(sh: &Shared, user: usize, slot: usize) -> Result<(Ws, Instant), String> {
+    let step = Duration::from_secs(15);
+    let socket = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
+    // The port is chosen at connect time, for the whole 4-tuple: no collision with a connection of the same
+    // ports still closing (which would cost a SYN retransmission, a second), and 28,000 ports per address.
+    bind_address_no_port(&socket).map_err(|e| format!("IP_BIND_ADDRESS_NO_PORT: {e}"))?;
+    socket
+        .bind(SocketAddr::new(sh.from, 0))
+        .map_err(|e| format!("bind {}: {e}", sh.from))?;
+    let stream = tokio::time::timeout(step, socket.connect(sh.addr))
+        .await
+        .map_err(|_| "connect: timed out".to_string())?
+        .map_err(|e| format!("connect: {}", e.kind()))?;
+    let _ = stream.set_nodelay(true);
+    let mut req = sh
+        .url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| format!("request: {e}"))?;
+    let token = sh.tokens.get(&user).ok_or("no token")?;
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {token}")
+            .parse()
+            .map_err(|_| "token header")?,
+    );
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0);
+    let (mut ws, _) = tokio::time::timeout(
+        step,
+        tokio_tungstenite::client_async_with_config(req, stream, Some(config)),
+    )
+    .await
+    .map_err(|_| "handshake: timed out".to_string())?
+    .map_err(|e| match e {
+        tokio_tungstenite::tungstenite::Error::Http(r) => format!("handshake: HTTP {}", r.status()),
+        other => format!("handshake: {other}"),
+    })?;
+    let kind_of = |m: &Message| -> Option<Value> {
+        match m {
+            Message::Text(t) => serde_json::from_str::<Value>(t.as_str()).ok(),
+            _ => None,
+        }
+    };
+    let init_at = loop {
+        let m = next_msg(&mut ws, step).await?;
+        if let Some(v) = kind_of(&m) {
+            match v["type"].as_str() {
+                Some("init") => break Instant::now(),
+                Some("error") => return Err(format!("error: {}", v["data"]["message"])),
+                _ => {}
+            }
+        }
+    };
+    for ty in &sh.topics {
+        let topic = format!("/project/{}/{ty}", tokens::project_of(user));
+        let cmd = json!({"type": "subscribe", "data": {"topic": topic}});
+        ws.send(Message::text(cmd.to_string()))
+            .await
+            .map_err(|e| format!("send: {e}"))?;
+    }
+    let mut acks = 0;
+    let mut last_change = 0;
+    while acks < sh.topics.len() {
+        let m = next_msg(&mut ws, step).await?;
+        if let Message::Text(t) = &m {
+            if t.as_str().contains("\"subscribed\"") {
+                acks += 1;
+            } else if t.as_str().contains("\"error\"") {
+                return Err(format!("subscribe: {}", t.as_str()));
+            } else {
+                on_text(sh, t.as_str(), (user, slot), u64::MAX, &mut last_change);
+            }
+        }
+    }
+    if let Some(c) = &sh.loop_command {
+        let cmd = json!({"type": c, "data": {}});
+        ws.send(Message::text(cmd.to_string()))
+            .await
+            .map_err(|e| format!("send: {e}"))?;
+    }
+    Ok((ws, init_at))
+}
+
+fn bind_address_no_port(socket: &TcpSocket) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket and a c_int option of the right size.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The next message, within `step`; a close or an error is an error.
+async fn next_msg(ws: &mut Ws, step: Duration) -> Result<Message, String> {
+    match tokio::time::timeout(step, ws.next()).await {
+        Err(_) => Err("no message in time".to_string()),
+        Ok(None) => Err("closed".to_string()),
+        Ok(Some(Err(e))) => Err(format!("read: {e}")),
+        Ok(Some(Ok(Message::Close(f)))) => {
+            Err(format!("closed {}", f.map_or(0, |f| u16::from(f.code))))
+        }
+        Ok(Some(Ok(m))) => Ok(m),
+    }
+}
+
+/// Finds `key` anywhere in `v`.
+fn find_u64(v: &Value, key: &str) -> Option<u64> {
+    match v {
+        Value::Object(m) => m
+            .get(key)
+            .and_then(Value::as_u64)
+            .or_else(|| m.values().find_map(|x| find_u64(x, key))),
+        Value::Array(a) => a.iter().find_map(|x| find_u64(x, key)),
+        _ => None,
+    }
+}
+
+fn on_text(sh: &Shared, text: &str, tab: TabKey, ready_ns: u64, last_change: &mut u64) {
+    let now = unix_ns();
+    let mut st = lock(&sh.stats);
+    st.messages += 1;
+    let Ok(v) = serde_json::from_str::<Value>(text) else {
+        return;
+    };
+    if v["type"] == "event" {
+        if let Some(t) = v["data"]["payload"]["t"].as_u64() {
+            st.events += 1;
+            st.event_lat_us
+                .push((now.saturating_sub(t) / 1_000).min(u64::from(u32::MAX)) as u32);
+        }
+        return;
+    }
+    // A session-status notification: the gateway stamped its state's last change.
+    if let Some(bt) = find_u64(&v["data"], "benchT") {
+        if bt > *last_change {
+            *last_change = bt;
+            if let Some(t) = st.tabs.get_mut(&tab) {
+                t.1 = bt;
+            }
+            if bt > ready_ns {
+                st.changes += 1;
+                st.change_lat_us
+                    .push((now.saturating_sub(bt) / 1_000).min(u64::from(u32::MAX)) as u32);
+            }
+        }
+    }
+}
+
+/// Counts and samples since the last reset. With `epoch_ns`/`period_ns`/`tick_ns` (the gateway's schedule and the
+/// loop's interval), also counts the tabs still missing a change older than one tick plus `slack_ns`.
+fn report(sh: &Shared, cmd: &Value) -> Value {
+    let mut st = lock(&sh.stats);
+    let now = unix_ns();
+    let late = match (
+        cmd["epoch_ns"].as_u64(),
+        cmd["period_ns"].as_u64(),
+        cmd["tick_ns"].as_u64(),
+    ) {
+        (Some(epoch), Some(period), Some(tick)) if period > 0 => {
+            let slack = cmd["slack_ns"].as_u64().unwrap_or(1_000_000_000);
+            let cutoff = now.saturating_sub(tick + slack);
+            st.tabs
+                .iter()
+                .filter(|(&(user, _), &(ready, seen))| {
+                    let (changed, n) = crate::fixtures::last_change(epoch, period, user, cutoff);
+                    n > 0 && changed > ready && seen < changed
+                })
+                .count()
+        }
+        _ => 0,
+    };
+    let out = json!({
+        "ev": "report",
+        "events": st.events,
+        "event_lat_us": st.event_lat_us,
+        "changes": st.changes,
+        "change_lat_us": st.change_lat_us,
+        "messages": st.messages,
+        "closes": st.closes,
+        "open": sh.open.load(Ordering::Acquire),
+        "late_tabs": late,
+    });
+    if cmd["reset"].as_bool().unwrap_or(false) {
+        st.events = 0;
+        st.event_lat_us.clear();
+        st.changes = 0;
+        st.change_lat_us.clear();
+        st.messages = 0;
+        st.closes.clear();
+    }
+    out
+}

@@ -1,0 +1,33 @@
+//! `tabhub-bench`: drives a real tabhub process with load generated in other processes, and reports what it
+//! costs. `tabhub-bench --scenario NAME` (see `--help`); the README's Performance section lists the commands.
+//!
+//! Processes (all on 127.0.0.0/8, all children killed when the orchestrator exits, panics or gets Ctrl-C):
+//! - the orchestrator (this binary without a subcommand): generates the configuration, measures tabhub from
+//!   `/proc`, steers the others and prints the table ([`orchestrate`], [`scenarios`], [`report`]);
+//! - `tabhub serve --config target/bench/<scenario>.toml`: the server under test;
+//! - `tabhub-bench fixtures`: the fixture realm (JWKS), the fixture GitLab with an event emitter, and a counting
+//!   backend gateway ([`fixtures`]);
+//! - `tabhub-bench client`: N load processes, each under 19,000 sockets and binding its own source address
+//!   127.0.0.x, reporting JSON lines on stdout ([`clients`]).
+
+mod cli;
+mod clients;
+mod fixtures;
+mod orchestrate;
+mod procs;
+mod report;
+mod scenarios;
+mod tokens;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    match cli.command {
+        Some(cli::Hidden::Fixtures(a)) => fixtures::main(a),
+        Some(cli::Hidden::Client(a)) => clients::main(a),
+        None => orchestrate::main(cli.run),
+    }
+}
