@@ -100,9 +100,8 @@ fn init_logging(config: &Config) {
 
 async fn serve(config: Config, extra: axum::Router) -> Result<(), String> {
     init_logging(&config);
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let listener =
+        listen(config.listen).map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let running = tabhub::start(listener, config, Registry::builtin(), extra)
         .await
         .map_err(|e| e.to_string())?;
@@ -115,6 +114,19 @@ async fn serve(config: Config, extra: axum::Router) -> Result<(), String> {
     }
     tracing::info!("drained; exiting");
     Ok(())
+}
+
+/// Binds with a deep accept backlog: tokio's default (128) overflows when thousands of tabs reconnect at once, and
+/// every dropped SYN costs a client a one-second retransmit. The kernel caps it at `net.core.somaxconn`.
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
 
 async fn wait_for_signal() -> Result<(), String> {

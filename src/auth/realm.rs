@@ -73,6 +73,10 @@ pub struct Realm {
     loaded: RwLock<Option<Arc<Loaded>>>,
     /// When keys were last fetched; held during a refetch so concurrent unknown `kid`s cause one request.
     last_fetch: tokio::sync::Mutex<Option<Instant>>,
+    /// Tokens already verified, by token: a user's tabs, reloads and reconnect storms present the same token
+    /// again, and an RSA verification is about half of a handshake's CPU. Entries live at most a minute (a key
+    /// withdrawn from the JWKS stops working within that) and a hit re-checks `exp`.
+    pub(crate) verified: moka::sync::Cache<Arc<str>, super::Verified>,
 }
 
 impl Realm {
@@ -87,6 +91,10 @@ impl Realm {
             http,
             loaded: RwLock::new(None),
             last_fetch: tokio::sync::Mutex::new(None),
+            verified: moka::sync::Cache::builder()
+                .max_capacity(50_000)
+                .time_to_live(Duration::from_secs(60))
+                .build(),
         })
     }
 

@@ -130,8 +130,25 @@ impl Realm {
         Ok(data.claims)
     }
 
-    /// Verifies an access token.
+    /// Verifies an access token (answers from the cache of verified tokens when it can).
     pub async fn verify(&self, token: &str) -> Result<Verified, AuthError> {
+        if let Some(v) = self.verified.get(token) {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            if now > v.exp + self.config().leeway_secs {
+                self.verified.invalidate(token);
+                return Err(AuthError::Expired);
+            }
+            return Ok(v);
+        }
+        let v = self.verify_uncached(token).await?;
+        self.verified.insert(v.token.clone(), v.clone());
+        Ok(v)
+    }
+
+    async fn verify_uncached(&self, token: &str) -> Result<Verified, AuthError> {
         let claims: Claims = self.verify_jwt(token, |_| {}).await?;
         if self.config().require_typ_bearer && claims.typ.as_deref() != Some("Bearer") {
             return Err(AuthError::Invalid(
