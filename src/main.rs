@@ -1,4 +1,5 @@
-//! The `tabhub` command line: `serve`, `demo`, `commands`, `connect`.
+//! The `tabhub` command line: `serve`, `demo`, `commands`, `connect` (and the hidden `fixtures`, for the browser
+//! tests).
 
 use std::io::BufRead;
 use std::net::SocketAddr;
@@ -35,6 +36,16 @@ enum Command {
     Demo {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
+        /// Use this GitLab (e.g. a `tabhub fixtures` process) instead of the embedded fixture GitLab.
+        #[arg(long, hide = true)]
+        gitlab_url: Option<String>,
+    },
+    /// Serve only the demo's fixture GitLab (events on projects 1-3), in a process of its own: the browser tests
+    /// restart tabhub under it and check that no event is lost. FOR TESTS ONLY.
+    #[command(hide = true)]
+    Fixtures {
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: SocketAddr,
     },
     /// Print every command with its parameters.
     Commands,
@@ -68,7 +79,8 @@ fn main() -> ExitCode {
                     Config::load(config.as_deref(), std::env::vars()).map_err(|e| e.to_string())?;
                 serve(config, axum::Router::new()).await
             }
-            Command::Demo { listen } => run_demo(listen).await,
+            Command::Demo { listen, gitlab_url } => run_demo(listen, gitlab_url).await,
+            Command::Fixtures { listen } => run_fixtures(listen).await,
             Command::Commands => {
                 for c in Registry::builtin().describe() {
                     println!("{c}");
@@ -139,10 +151,17 @@ async fn wait_for_signal() -> Result<(), String> {
     Ok(())
 }
 
-async fn run_demo(listen: SocketAddr) -> Result<(), String> {
+async fn run_demo(listen: SocketAddr, gitlab_url: Option<String>) -> Result<(), String> {
     let base = demo::base_url(listen);
     let issuer = demo::DevIssuer::demo(&base).map_err(|e| format!("demo issuer: {e}"))?;
-    let config = demo::config(listen);
+    let mut config = demo::config(listen);
+    let gitlab = match gitlab_url {
+        Some(url) => {
+            config.gitlab.url = url;
+            axum::Router::new()
+        }
+        None => demo::gitlab_router(),
+    };
     eprintln!(
         "\n  tabhub demo: FOR DEVELOPMENT ONLY (public fixture keys, passwords = user names)\n\n  \
          token:     curl -s -d grant_type=password -d client_id={cid} -d username=alice -d password=alice \\\n               \
@@ -159,11 +178,24 @@ async fn run_demo(listen: SocketAddr) -> Result<(), String> {
         config,
         issuer
             .router()
-            .merge(demo::gitlab_router())
+            .merge(gitlab)
             .merge(demo::backends())
             .merge(demo::page_router()),
     )
     .await
+}
+
+/// The fixture GitLab alone, until SIGTERM or Ctrl-C: its event ids survive restarts of the tabhub using it.
+async fn run_fixtures(listen: SocketAddr) -> Result<(), String> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    eprintln!("tabhub fixtures: fixture GitLab on http://{listen} (FOR TESTS ONLY)");
+    // Its event streams never end by themselves: on the signal, exit without waiting for them.
+    tokio::select! {
+        r = axum::serve(listener, demo::gitlab_router()) => r.map_err(|e| e.to_string()),
+        r = wait_for_signal() => r,
+    }
 }
 
 async fn connect(url: String, token: Option<String>, user: String) -> Result<(), String> {
