@@ -369,3 +369,32 @@ async fn a_peer_that_never_answers_pings_is_dropped() {
         .is_some());
     drop(silent);
 }
+
+#[test]
+fn the_cli_describes_commands_and_names_bad_config_keys() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tabhub"))
+        .arg("commands")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    for line in [
+        "init {requestServerVersion}",
+        "subscribe {topic, lastEventId?}",
+        "pullKgActivationStatus {projects}",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in\n{text}");
+    }
+    let dir = std::env::temp_dir().join(format!("tabhub-badcfg-{}", rand::random::<u64>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.toml");
+    std::fs::write(&path, "[auth]\nissuer = \"https://kc.example/realms/r\"\nclient_ids = [\"ui\"]\n[session]\nlinger_ms = \"soon\"\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tabhub"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("session.linger_ms"), "{err}");
+}
