@@ -8,7 +8,6 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -687,10 +686,6 @@ impl Config {
                 .map_err(|e| key_error(&format!("backends.{name}"), format!("not a URL: {e}")))?;
         }
         Ok(())
-    }
-
-    pub fn short_interval(&self) -> Duration {
-        Duration::from_millis(self.session.short_interval_ms)
     }
 }
 

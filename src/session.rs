@@ -336,10 +336,6 @@ impl Session {
         true
     }
 
-    pub fn has_loop(&self, name: &str) -> bool {
-        self.lock().loops.contains_key(name)
-    }
-
     pub fn snapshot(&self, name: &str) -> Option<Vec<Notification>> {
         self.lock()
             .loops
@@ -508,11 +504,6 @@ impl Session {
     /// The topics a tab holds.
     pub fn topics_of(&self, tab: &Tab) -> Vec<Topic> {
         self.lock().subs.topics_of(tab.id)
-    }
-
-    /// Projects with an upstream stream (for tests and metrics).
-    pub fn streamed_projects(&self) -> Vec<String> {
-        self.lock().subs.projects().map(str::to_owned).collect()
     }
 
     /// Reopens every upstream stream with the newest token, resuming after the last event (after a refresh).

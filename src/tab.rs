@@ -148,10 +148,6 @@ impl Tab {
         let last = Duration::from_millis(self.last_seen_ms.load(Ordering::Relaxed));
         self.epoch.elapsed().saturating_sub(last)
     }
-
-    pub fn queued_bytes(&self) -> usize {
-        self.queued_bytes.load(Ordering::Acquire)
-    }
 }
 
 /// Timing of the writer's keep-alive.
