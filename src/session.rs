@@ -146,10 +146,24 @@ impl Session {
     }
 
     /// Removes a tab and releases its topics. Returns the generation to linger on when it was the last.
-    pub(crate) fn detach(&self, tab_id: u64) -> Option<u64> {
+    ///
+    /// Upstream streams the tab alone held are kept for `session.linger_ms` (a reload takes them back without
+    /// reconnecting), then swept; a session that stops meanwhile stops them all.
+    pub(crate) fn detach(self: &Arc<Self>, tab_id: u64) -> Option<u64> {
         let mut inner = self.lock();
-        // Stop actions only: the streams' tasks were aborted by the bookkeeping itself.
-        let (_, channels) = inner.subs.release_tab(tab_id);
+        let now = std::time::Instant::now();
+        let (kept, channels) = inner.subs.release_tab(tab_id, now);
+        if !kept.is_empty() {
+            let grace = Duration::from_millis(self.app.config.session.linger_ms);
+            let session = Arc::downgrade(self);
+            tokio::spawn(async move {
+                // Never earlier than `now + grace` (tokio's timers do not fire early), so the sweep finds it due.
+                tokio::time::sleep_until((now + grace).into()).await;
+                if let Some(s) = session.upgrade() {
+                    s.lock().subs.sweep(std::time::Instant::now(), grace);
+                }
+            });
+        }
         for c in channels {
             if !inner.subs.holds(&c) {
                 self.app
@@ -205,7 +219,7 @@ impl Session {
             t.abort();
         }
         for tab in inner.tabs.iter().map(|t| t.id).collect::<Vec<_>>() {
-            for c in inner.subs.release_tab(tab).1 {
+            for c in inner.subs.release_tab(tab, std::time::Instant::now()).1 {
                 self.app
                     .channels
                     .remove_holder(&c.to_string(), &self.user.id);

@@ -11,9 +11,14 @@
 //! - a tab subscribing with a `lastEventId` still in the replay buffer gets what it missed from the buffer, atomically
 //!   with its registration (no upstream reconnect). An older id (or a type the stream did not carry) reopens the
 //!   stream from that id in *catch-up* mode: replayed events up to the last one already delivered go only to the
-//!   tabs catching up, then delivery is normal again.
+//!   tabs catching up, then delivery is normal again;
+//! - a stream left unused by a *closing* tab is kept for a grace period (the session's linger) and still fills its
+//!   replay buffer: a page reload resubscribes to the same stream, without an upstream reconnection and with what
+//!   it missed meanwhile. An explicit `unsubscribe` stops an unused stream at once. Kept streams give way to a
+//!   tab's new project when the per-user project limit is reached.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::time::{Duration, Instant};
 
 use tabhub_commands::Topic;
 use tokio::task::AbortHandle;
@@ -70,6 +75,8 @@ pub struct Stream {
     pub task: Option<AbortHandle>,
     /// Whether the tabs were told the stream is degraded (told once, and once when it recovers).
     pub degraded: bool,
+    /// Since when no tab holds a topic of the stream (it was kept after a tab closed).
+    unused_since: Option<Instant>,
 }
 
 /// Limits applied to subscribe.
@@ -200,7 +207,19 @@ impl Subscriptions {
             return Ok((true, Vec::new(), None));
         };
         if !self.streams.contains_key(project) && self.streams.len() >= limits.projects_per_user {
-            return Err(SubscribeError::TooManyProjects(limits.projects_per_user));
+            // Streams kept after a tab closed give way to a tab's real need.
+            let kept: Vec<String> = self
+                .streams
+                .iter()
+                .filter(|(_, s)| s.unused_since.is_some())
+                .map(|(p, _)| p.clone())
+                .collect();
+            for p in kept {
+                self.stop_if_unused(&p);
+            }
+            if self.streams.len() >= limits.projects_per_user {
+                return Err(SubscribeError::TooManyProjects(limits.projects_per_user));
+            }
         }
         self.by_tab.entry(tab).or_default().insert(topic.clone());
         let last = last_event_id.filter(|s| !s.is_empty()).map(str::to_owned);
@@ -217,11 +236,13 @@ impl Subscriptions {
                     catch_up: None,
                     task: None,
                     degraded: false,
+                    unused_since: None,
                 },
             );
             return Ok((true, Vec::new(), Some(self.start(project, last))));
         };
 
+        stream.unused_since = None;
         let carries_type = stream.filter.contains(event_type);
         let buffered_from = last.as_ref().and_then(|id| {
             stream
@@ -297,8 +318,10 @@ impl Subscriptions {
         }
     }
 
-    /// Releases everything a closing tab held. Returns the streams to stop and the channels the tab held.
-    pub fn release_tab(&mut self, tab: u64) -> (Vec<Action>, Vec<Topic>) {
+    /// Releases everything a closing tab held. Streams nobody holds any more are kept, marked unused since `now`,
+    /// until [`Subscriptions::sweep`] (a reload comes back to them). Returns those projects and the channels the
+    /// tab held.
+    pub fn release_tab(&mut self, tab: u64, now: Instant) -> (Vec<String>, Vec<Topic>) {
         let Some(topics) = self.by_tab.remove(&tab) else {
             return (Vec::new(), Vec::new());
         };
@@ -310,11 +333,37 @@ impl Subscriptions {
             .into_iter()
             .filter(|t| matches!(t, Topic::Channel(_)))
             .collect();
-        let stops = projects
+        let mut kept = Vec::new();
+        for p in projects {
+            if self.is_used(&p) {
+                continue;
+            }
+            if let Some(s) = self.streams.get_mut(&p) {
+                s.unused_since = Some(now);
+                kept.push(p);
+            }
+        }
+        (kept, channels)
+    }
+
+    /// Stops the streams unused for at least `grace` at `now`. Returns how many were stopped.
+    pub fn sweep(&mut self, now: Instant, grace: Duration) -> usize {
+        let due: Vec<String> = self
+            .streams
             .iter()
-            .filter_map(|p| self.stop_if_unused(p))
+            .filter(|(_, s)| {
+                s.unused_since
+                    .is_some_and(|t| now.saturating_duration_since(t) >= grace)
+            })
+            .map(|(p, _)| p.clone())
             .collect();
-        (stops, channels)
+        due.iter().filter_map(|p| self.stop_if_unused(p)).count()
+    }
+
+    fn is_used(&self, project: &str) -> bool {
+        self.by_tab
+            .values()
+            .any(|ts| ts.iter().any(|t| t.project_id() == Some(project)))
     }
 
     /// Whether any tab holds `topic`.
@@ -349,11 +398,7 @@ impl Subscriptions {
     }
 
     fn stop_if_unused(&mut self, project: &str) -> Option<Action> {
-        let used = self
-            .by_tab
-            .values()
-            .any(|ts| ts.iter().any(|t| t.project_id() == Some(project)));
-        if used {
+        if self.is_used(project) {
             return None;
         }
         let mut s = self.streams.remove(project)?;
@@ -634,14 +679,58 @@ mod tests {
         s.subscribe(1, &t("/project/2/a"), None, LIMITS).unwrap();
         s.subscribe(2, &t("/project/2/b"), None, LIMITS).unwrap();
         s.subscribe(1, &t("/events/x"), None, LIMITS).unwrap();
-        let (actions, channels) = s.release_tab(1);
+        let t0 = Instant::now();
+        let (kept, channels) = s.release_tab(1, t0);
         assert_eq!(
-            actions,
-            vec![Action::Stop {
-                project: "1".into()
-            }]
+            kept,
+            ["1"],
+            "project 1 is unused now; 2 is still held by tab 2"
         );
         assert_eq!(channels, vec![t("/events/x")]);
+        assert_eq!(s.projects().collect::<Vec<_>>(), ["1", "2"], "kept");
+        let grace = Duration::from_millis(300);
+        assert_eq!(s.sweep(t0 + Duration::from_millis(299), grace), 0);
+        assert_eq!(s.sweep(t0 + grace, grace), 1);
         assert_eq!(s.projects().collect::<Vec<_>>(), ["2"]);
+    }
+
+    #[test]
+    fn a_reload_takes_back_the_kept_stream_with_what_it_missed() {
+        let mut s = Subscriptions::default();
+        let g = gen_of(
+            &s.subscribe(1, &t("/project/1/push"), None, LIMITS)
+                .unwrap()
+                .2,
+        );
+        assert_eq!(event(&mut s, g, "1", "push"), vec![1]);
+        let t0 = Instant::now();
+        s.release_tab(1, t0);
+        assert!(
+            event(&mut s, g, "2", "push").is_empty(),
+            "nobody to deliver to"
+        );
+        // The reloaded tab resumes from the last id it saw: replayed from the buffer, no reconnection.
+        let (new, replay, action) = s
+            .subscribe(2, &t("/project/1/push"), Some("1"), LIMITS)
+            .unwrap();
+        assert!(new && action.is_none(), "{action:?}");
+        assert_eq!(replay, [Utf8Bytes::from("push#2")]);
+        assert_eq!(
+            s.sweep(t0 + Duration::from_secs(60), Duration::ZERO),
+            0,
+            "held again"
+        );
+        assert_eq!(event(&mut s, g, "3", "push"), vec![2]);
+    }
+
+    #[test]
+    fn kept_streams_give_way_to_a_new_project_at_the_limit() {
+        let mut s = Subscriptions::default();
+        s.subscribe(1, &t("/project/1/a"), None, LIMITS).unwrap();
+        s.subscribe(1, &t("/project/2/a"), None, LIMITS).unwrap();
+        s.release_tab(1, Instant::now());
+        s.subscribe(2, &t("/project/1/a"), None, LIMITS).unwrap();
+        assert!(s.subscribe(2, &t("/project/3/a"), None, LIMITS).is_ok());
+        assert_eq!(s.projects().collect::<Vec<_>>(), ["1", "3"]);
     }
 }

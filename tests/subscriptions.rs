@@ -383,6 +383,37 @@ async fn a_closed_tab_releases_everything_it_held() {
 }
 
 #[tokio::test]
+async fn a_reload_takes_back_the_stream_without_reconnecting_and_misses_nothing() {
+    let s = setup_with(|c| c.session.linger_ms = 3_000).await;
+    let mut a = s.tab("alice").await;
+    subscribe(&mut a, "/project/21/push", None).await;
+    s.open_streams_become("21", 1).await;
+    s.gitlab.emit("21", "push", json!({}));
+    let seen = event_ids(&mut a, "/project/21/push", 1).await;
+    a.close().await;
+    // Emitted while no tab is there: the kept stream buffers them.
+    s.gitlab.emit("21", "push", json!({}));
+    s.gitlab.emit("21", "push", json!({}));
+    let mut b = s.tab("alice").await;
+    subscribe(&mut b, "/project/21/push", Some(&seen[0])).await;
+    let next = event_ids(&mut b, "/project/21/push", 2).await;
+    let first: u64 = seen[0].parse().unwrap();
+    assert_eq!(
+        next,
+        ids(first + 1..=first + 2),
+        "missed nothing, nothing twice"
+    );
+    assert_eq!(
+        s.gitlab.connections_total("21"),
+        1,
+        "the reload reused the upstream connection"
+    );
+    // Nobody comes back: the stream goes with the session's linger.
+    b.close().await;
+    s.open_streams_become("21", 0).await;
+}
+
+#[tokio::test]
 async fn bad_topics_and_limits_are_clear_errors() {
     let s = setup_with(|c| {
         c.gitlab.max_topics_per_tab = 2;

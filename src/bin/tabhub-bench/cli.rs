@@ -45,6 +45,9 @@ pub enum Scenario {
     CallsPerTick,
     /// 4,000 users x 4 tabs all dropped and reconnected: time to full reconnection, extra backend calls.
     Storm,
+    /// 4,000 users x 4 tabs on two instances sharing a Redis broker: `POST /api/publish` to users, channels and
+    /// everyone, spread over both instances: messages/s, publish -> tab latency, deliveries.
+    Publish,
 }
 
 impl Scenario {
@@ -57,6 +60,7 @@ impl Scenario {
             Scenario::Loops => "loops",
             Scenario::CallsPerTick => "calls-per-tick",
             Scenario::Storm => "storm",
+            Scenario::Publish => "publish",
         }
     }
 }
@@ -74,7 +78,8 @@ pub struct RunArgs {
     /// Topics per tab (S): event types of the user's own project, so one upstream stream per user.
     #[arg(long)]
     pub topics: Option<usize>,
-    /// Upstream events per second (R), round-robin over the users' projects and types.
+    /// Upstream events per second (R), round-robin over the users' projects and types; in the publish scenario,
+    /// published messages per second.
     #[arg(long)]
     pub rate: Option<f64>,
     /// Seconds of measurement (D).

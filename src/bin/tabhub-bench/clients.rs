@@ -49,12 +49,20 @@ pub struct ClientArgs {
     /// Topics per tab (event types on the user's project).
     #[arg(long, default_value_t = 0)]
     pub topics: usize,
+    /// Publish channels: with G > 0 every tab also subscribes to [`crate::publisher::channel_of`] its user.
+    #[arg(long, default_value_t = 0)]
+    pub channels: usize,
     /// The realm's issuer (`iss` of the tokens).
     #[arg(long)]
     pub issuer: String,
     /// A command each tab sends once ready (the session-status loop).
     #[arg(long)]
     pub loop_command: Option<String>,
+    /// The gateway's change schedule (see [`crate::fixtures::last_change`]): `<epoch_ns>/<period_ns>`. The
+    /// session-status notification carries no data (`{message: "true"}`, Renku's payload), so a notification is
+    /// attributed to the newest scheduled change of its user before its receipt.
+    #[arg(long)]
+    pub changes: Option<String>,
     #[arg(long, default_value_t = 128)]
     pub concurrency: usize,
     #[arg(long, default_value_t = 1_800)]
@@ -70,7 +78,12 @@ struct Shared {
     url: String,
     from: IpAddr,
     topics: Vec<String>,
+    channels: usize,
     loop_command: Option<String>,
+    /// The notification kind of the loop command (`pullSessionStatusV2` -> `sessionStatusV2`).
+    notification: Option<String>,
+    /// The gateway's change schedule: (epoch, period) in ns.
+    schedule: Option<(u64, u64)>,
     tokens: HashMap<usize, String>,
     sem: Semaphore,
     stats: Mutex<Stats>,
@@ -83,9 +96,14 @@ struct Stats {
     event_lat_us: Vec<u32>,
     changes: u64,
     change_lat_us: Vec<u32>,
+    /// Published messages (`benchPublish`) received, per scope, and their publish -> receipt latencies.
+    published: BTreeMap<String, u64>,
+    publish_lat_us: Vec<u32>,
+    /// Notifications attributed to a change the tab had already been told of (should stay 0).
+    repeated: u64,
     messages: u64,
     closes: BTreeMap<String, u64>,
-    /// Per tab: when it became ready and the newest session change (`benchT`) it received.
+    /// Per tab: when it became ready and the newest scheduled session change it was told of.
     tabs: HashMap<TabKey, (u64, u64)>,
 }
 
@@ -209,6 +227,16 @@ async fn run(a: ClientArgs) -> Result<(), String> {
         .unwrap_or_default()
         .parse()
         .map_err(|e| format!("--url {}: {e}", a.url))?;
+    let schedule = match &a.changes {
+        None => None,
+        Some(c) => {
+            let (e, p) = c
+                .split_once('/')
+                .ok_or_else(|| format!("--changes {c}: want <epoch_ns>/<period_ns>"))?;
+            let n = |x: &str| x.parse::<u64>().map_err(|e| format!("--changes {c}: {e}"));
+            Some((n(e)?, n(p)?.max(1)))
+        }
+    };
     let started = Instant::now();
     let minted = tokens::mint_all(&a.issuer, &users, 2, 3_600);
     say(json!({
@@ -222,7 +250,10 @@ async fn run(a: ClientArgs) -> Result<(), String> {
         url: a.url.clone(),
         from: a.from,
         topics: tokens::event_types(a.topics),
+        channels: a.channels,
         loop_command: a.loop_command.clone(),
+        notification: a.loop_command.as_deref().map(notification_of),
+        schedule,
         tokens: users.iter().copied().zip(minted).collect(),
         sem: Semaphore::new(a.concurrency.max(1)),
         stats: Mutex::new(Stats::default()),
@@ -467,8 +498,15 @@ async fn open(sh: &Shared, user: usize, slot: usize) -> Result<(Ws, Instant), St
             }
         }
     };
-    for ty in &sh.topics {
-        let topic = format!("/project/{}/{ty}", tokens::project_of(user));
+    let mut topics: Vec<String> = sh
+        .topics
+        .iter()
+        .map(|ty| format!("/project/{}/{ty}", tokens::project_of(user)))
+        .collect();
+    if sh.channels > 0 {
+        topics.push(crate::publisher::channel_of(user, sh.channels));
+    }
+    for topic in &topics {
         let cmd = json!({"type": "subscribe", "data": {"topic": topic}});
         ws.send(Message::text(cmd.to_string()))
             .await
@@ -476,7 +514,7 @@ async fn open(sh: &Shared, user: usize, slot: usize) -> Result<(Ws, Instant), St
     }
     let mut acks = 0;
     let mut last_change = 0;
-    while acks < sh.topics.len() {
+    while acks < topics.len() {
         let m = next_msg(&mut ws, step).await?;
         if let Message::Text(t) = &m {
             if t.as_str().contains("\"subscribed\"") {
@@ -530,18 +568,6 @@ async fn next_msg(ws: &mut Ws, step: Duration) -> Result<Message, String> {
     }
 }
 
-/// Finds `key` anywhere in `v`.
-fn find_u64(v: &Value, key: &str) -> Option<u64> {
-    match v {
-        Value::Object(m) => m
-            .get(key)
-            .and_then(Value::as_u64)
-            .or_else(|| m.values().find_map(|x| find_u64(x, key))),
-        Value::Array(a) => a.iter().find_map(|x| find_u64(x, key)),
-        _ => None,
-    }
-}
-
 fn on_text(sh: &Shared, text: &str, tab: TabKey, ready_ns: u64, last_change: &mut u64) {
     let now = unix_ns();
     let mut st = lock(&sh.stats);
@@ -557,19 +583,48 @@ fn on_text(sh: &Shared, text: &str, tab: TabKey, ready_ns: u64, last_change: &mu
         }
         return;
     }
-    // A session-status notification: the gateway stamped its state's last change.
-    if let Some(bt) = find_u64(&v["data"], "benchT") {
-        if bt > *last_change {
-            *last_change = bt;
-            if let Some(t) = st.tabs.get_mut(&tab) {
-                t.1 = bt;
-            }
-            if bt > ready_ns {
-                st.changes += 1;
-                st.change_lat_us
-                    .push((now.saturating_sub(bt) / 1_000).min(u64::from(u32::MAX)) as u32);
-            }
+    if v["type"] == crate::publisher::KIND {
+        if let Some(t) = v["data"]["t"].as_u64() {
+            let scope = v["scope"].as_str().unwrap_or("?").to_owned();
+            *st.published.entry(scope).or_default() += 1;
+            st.publish_lat_us
+                .push((now.saturating_sub(t) / 1_000).min(u64::from(u32::MAX)) as u32);
         }
+        return;
+    }
+    // A session-status notification: it stands for the newest change the gateway made before it arrived.
+    let (Some(kind), Some((epoch, period))) = (&sh.notification, sh.schedule) else {
+        return;
+    };
+    if v["type"].as_str() != Some(kind.as_str()) {
+        return;
+    }
+    let (changed, n) = crate::fixtures::last_change(epoch, period, tab.0, now);
+    if n == 0 || changed <= ready_ns {
+        // The loop's first send, or a change from before the tab was there: nothing to time.
+        *last_change = (*last_change).max(changed);
+        return;
+    }
+    if changed <= *last_change {
+        st.repeated += 1;
+        return;
+    }
+    *last_change = changed;
+    if let Some(t) = st.tabs.get_mut(&tab) {
+        t.1 = changed;
+    }
+    st.changes += 1;
+    st.change_lat_us
+        .push((now.saturating_sub(changed) / 1_000).min(u64::from(u32::MAX)) as u32);
+}
+
+/// The notification a loop command's function sends: `pullSessionStatusV2` -> `sessionStatusV2`.
+fn notification_of(command: &str) -> String {
+    let rest = command.strip_prefix("pull").unwrap_or(command);
+    let mut cs = rest.chars();
+    match cs.next() {
+        Some(c) => c.to_lowercase().chain(cs).collect(),
+        None => String::new(),
     }
 }
 
@@ -596,22 +651,33 @@ fn report(sh: &Shared, cmd: &Value) -> Value {
         }
         _ => 0,
     };
-    let out = json!({
+    let mut out = json!({
         "ev": "report",
         "events": st.events,
         "event_lat_us": st.event_lat_us,
         "changes": st.changes,
         "change_lat_us": st.change_lat_us,
+        "repeated": st.repeated,
+        "published": st.published,
+        "publish_lat_us": st.publish_lat_us,
         "messages": st.messages,
         "closes": st.closes,
         "open": sh.open.load(Ordering::Acquire),
         "late_tabs": late,
     });
+    if cmd["counts_only"] == true {
+        for k in ["event_lat_us", "change_lat_us", "publish_lat_us"] {
+            out[k] = json!([]);
+        }
+    }
     if cmd["reset"].as_bool().unwrap_or(false) {
         st.events = 0;
         st.event_lat_us.clear();
         st.changes = 0;
         st.change_lat_us.clear();
+        st.repeated = 0;
+        st.published.clear();
+        st.publish_lat_us.clear();
         st.messages = 0;
         st.closes.clear();
     }

@@ -4,8 +4,9 @@
 //! - the fixture GitLab ([`FixtureGitlab`]): one SSE stream per (user, project), and an emitter that emits
 //!   `{"t": <unix ns>}` payloads at a given rate round-robin over the users' projects and types;
 //! - a counting gateway (`/gateway/...`, any path, keep-alive): counts calls per user (the token's `sub`, read
-//!   without verification) and answers a session list whose state changes on a schedule, each change stamped
-//!   `benchT` (unix ns) so the tabs can time its arrival;
+//!   without verification) and answers a session list whose state changes on a schedule ([`last_change`]), which
+//!   the client processes know too: the notification tabhub sends carries no data, so a tab times a change from
+//!   the schedule;
 //! - `/bench/...`: the orchestrator's view (counts, streams) and controls (emit).
 //!
 //! It prints `{"listening": "<addr>"}` on stdout once serving, and exits when its stdin closes (the orchestrator

@@ -4,7 +4,8 @@
 //! Processes (all on 127.0.0.0/8, all children killed when the orchestrator exits, panics or gets Ctrl-C):
 //! - the orchestrator (this binary without a subcommand): generates the configuration, measures tabhub from
 //!   `/proc`, steers the others and prints the table ([`orchestrate`], [`scenarios`], [`report`]);
-//! - `tabhub serve --config target/bench/<scenario>.toml`: the server under test;
+//! - `tabhub serve --config target/bench/<scenario>.toml`: the server under test (two instances and a
+//!   `redis-server` in the publish scenario);
 //! - `tabhub-bench fixtures`: the fixture realm (JWKS), the fixture GitLab with an event emitter, and a counting
 //!   backend gateway ([`fixtures`]);
 //! - `tabhub-bench client`: N load processes, each under 19,000 sockets and binding its own source address
@@ -15,6 +16,7 @@ mod clients;
 mod fixtures;
 mod orchestrate;
 mod procs;
+mod publisher;
 mod report;
 mod scenarios;
 mod tokens;

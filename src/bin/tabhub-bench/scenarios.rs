@@ -5,7 +5,10 @@
 //! - `loops`: the session-status loop of every user: backend calls/s and per user per tick, CPU per call,
 //!   change-to-tab latency (skipped when tabhub has no such command);
 //! - `streams`: upstream SSE connections per user and project;
-//! - `storm`: every tab dropped and reconnected at once: time to full reconnection, backend calls it caused.
+//! - `storm`: every tab dropped and reconnected at once: time to full reconnection, backend calls it caused;
+//! - `publish`: `POST /api/publish` at a rate (users and channels), broadcasts, then flat out: messages/s,
+//!   deliveries, publish -> tab latency, CPU (two instances behind a shared Redis in the publish scenario, one
+//!   instance with the memory broker in the smoke).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,8 +17,9 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use crate::cli::{RunArgs, Scenario};
-use crate::orchestrate::{self, Fixtures, Tabhub, Talker};
+use crate::orchestrate::{self, Fixtures, Redis, Tabhub, Talker};
 use crate::procs;
+use crate::publisher::{self, Mix, Outcome};
 use crate::report::{pcts, round3, spread, summary_ms, Report};
 use crate::tokens;
 
@@ -34,6 +38,10 @@ pub struct Group {
 pub struct Shape {
     pub groups: Vec<Group>,
     pub topics: usize,
+    /// Publish channels the users are spread over (each tab subscribes to its user's).
+    pub channels: usize,
+    /// tabhub instances (more than one: they share a Redis broker).
+    pub instances: usize,
     pub rate: f64,
     pub duration: f64,
     pub short_interval_ms: u64,
@@ -77,6 +85,12 @@ pub fn shape_of(args: &RunArgs) -> Shape {
         Scenario::Loops => (16_000, 1, 0, 0.0, 30.0, 5_000),
         Scenario::CallsPerTick => (0, 0, 1, 0.0, 10.0, 1_000),
         Scenario::Storm => (4_000, 4, 0, 0.0, 0.0, 5_000),
+        Scenario::Publish => (4_000, 4, 0, 1_000.0, 20.0, 5_000),
+    };
+    let (channels, instances) = match args.scenario {
+        Scenario::Smoke => (10, 1),
+        Scenario::Publish => (100, 2),
+        _ => (0, 1),
     };
     let groups = if args.scenario == Scenario::CallsPerTick {
         let mut gs = Vec::new();
@@ -103,6 +117,8 @@ pub fn shape_of(args: &RunArgs) -> Shape {
     Shape {
         groups,
         topics: args.topics.unwrap_or(s),
+        channels,
+        instances,
         rate: args.rate.unwrap_or(r),
         duration: args.duration.unwrap_or(d),
         short_interval_ms: args.short_interval_ms.unwrap_or(tick),
@@ -145,7 +161,10 @@ fn split(shape: &Shape, n: usize) -> Vec<String> {
 
 struct Bench {
     fixtures: Fixtures,
-    tabhub: Tabhub,
+    /// The instances; the client processes are spread over them (a user's tabs all on one, as behind a sticky
+    /// load balancer).
+    tabhubs: Vec<Tabhub>,
+    redis: Option<Redis>,
     workers: Vec<Talker>,
     shape: Shape,
     looping: bool,
@@ -212,14 +231,30 @@ pub async fn run(args: &RunArgs) -> Result<(), String> {
     }
 
     let fixtures = Fixtures::start(shape.short_interval_ms * 2).await?;
-    let config = PathBuf::from(format!("target/bench/{name}-tabhub.toml"));
-    let tabhub = Tabhub::start(&binary, &config, &fixtures, &shape).await?;
+    let redis = if shape.instances > 1 {
+        Some(Redis::start().await?)
+    } else {
+        None
+    };
+    let mut extra = format!("[publish]\nshared_secret = \"{}\"\n", publisher::SECRET);
+    if let Some(r) = &redis {
+        extra.push_str(&format!(
+            "\n[broker]\nkind = \"redis\"\nredis_url = \"{}\"\n",
+            r.url()
+        ));
+    }
+    let mut tabhubs = Vec::new();
+    for k in 0..shape.instances.max(1) {
+        let id = format!("bench-{}", (b'a' + k as u8) as char);
+        let config = PathBuf::from(format!("target/bench/{name}-tabhub-{id}.toml"));
+        tabhubs.push(Tabhub::start(&binary, &config, &id, &fixtures, &shape, &extra).await?);
+    }
     let mut workers = Vec::new();
     for (i, plan) in split(&shape, workers_n).iter().enumerate() {
         workers.push(orchestrate::start_worker(
             i,
             plan,
-            &tabhub,
+            &tabhubs[i % tabhubs.len()],
             &fixtures,
             &shape,
             looping.then_some(args.loop_command.as_str()),
@@ -235,7 +270,8 @@ pub async fn run(args: &RunArgs) -> Result<(), String> {
 
     let mut b = Bench {
         fixtures,
-        tabhub,
+        tabhubs,
+        redis,
         workers,
         shape,
         looping,
@@ -276,7 +312,12 @@ pub async fn run(args: &RunArgs) -> Result<(), String> {
     for w in b.workers.drain(..) {
         w.stop().await;
     }
-    b.tabhub.stop().await;
+    for t in b.tabhubs.drain(..) {
+        t.stop().await;
+    }
+    if let Some(r) = b.redis.take() {
+        r.stop().await;
+    }
     b.fixtures.talker.stop().await;
     result
 }
@@ -287,6 +328,7 @@ impl Bench {
         match s {
             Scenario::Smoke => {
                 self.fanout().await?;
+                self.publish().await?;
                 self.streams().await?;
                 if self.looping {
                     self.loops(2).await?;
@@ -295,7 +337,7 @@ impl Bench {
             }
             Scenario::Memory => {
                 tokio::time::sleep(Duration::from_secs(5)).await;
-                let rss = self.tabhub.rss_kib();
+                let rss = self.rss_kib();
                 self.rep.fig(
                     "tabhub RSS after 5 s more",
                     format!("{:.1} MiB", rss as f64 / 1024.0),
@@ -329,11 +371,26 @@ impl Bench {
                 self.streams().await?;
             }
             Scenario::Storm => self.storm().await?,
+            Scenario::Publish => self.publish().await?,
         }
-        if !self.tabhub.alive() {
+        if !self.tabhubs.iter_mut().all(Tabhub::alive) {
             return Err("tabhub died during the run".into());
         }
         Ok(())
+    }
+
+    /// Resident memory of all instances, KiB.
+    fn rss_kib(&self) -> u64 {
+        self.tabhubs.iter().map(Tabhub::rss_kib).sum()
+    }
+
+    /// CPU seconds of all instances.
+    fn cpu_secs(&self) -> f64 {
+        self.tabhubs.iter().map(Tabhub::cpu_secs).sum()
+    }
+
+    fn fds(&self) -> usize {
+        self.tabhubs.iter().map(Tabhub::fds).sum()
     }
 
     fn tick(&self) -> Duration {
@@ -343,8 +400,8 @@ impl Bench {
     /// Opens every tab: handshake figures and memory.
     async fn connect(&mut self) -> Result<(), String> {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let rss0 = self.tabhub.rss_kib();
-        let cpu0 = self.tabhub.cpu_secs();
+        let rss0 = self.rss_kib();
+        let cpu0 = self.cpu_secs();
         let rs = orchestrate::all(
             &mut self.workers,
             &json!({"cmd": "connect"}),
@@ -353,10 +410,10 @@ impl Bench {
         )
         .await?;
         self.connected_at = Instant::now();
-        let cpu1 = self.tabhub.cpu_secs();
+        let cpu1 = self.cpu_secs();
         let hs = handshakes(&rs);
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let rss1 = self.tabhub.rss_kib();
+        let rss1 = self.rss_kib();
         let tabs = self.shape.tabs();
         let ok = hs["ok"].as_u64().unwrap_or(0);
         let per_tab = (rss1.saturating_sub(rss0)) as f64 / ok.max(1) as f64;
@@ -364,6 +421,7 @@ impl Bench {
         let failed = hs["failed"].as_u64().unwrap_or(0);
         let attempts_failed = hs["attempts_failed"].as_u64().unwrap_or(0);
         let t = self.targets;
+        let fds = self.fds();
         let r = &mut self.rep;
         r.fig(
             "users x tabs (topics per tab)",
@@ -428,7 +486,7 @@ impl Bench {
                 format!("{per_tab:.1} KiB"),
             );
         }
-        r.fig("tabhub open files", self.tabhub.fds().to_string());
+        r.fig("tabhub open files", fds.to_string());
         r.set(
             "connect",
             json!({
@@ -437,8 +495,8 @@ impl Bench {
                 "rss_kib_after": rss1,
                 "rss_kib_per_tab": round3(per_tab),
                 "tabhub_cpu_s": round3(cpu1 - cpu0),
-                "tabhub_open_files": self.tabhub.fds(),
-                "tabhub_threads": procs::threads(self.tabhub.pid),
+                "tabhub_open_files": fds,
+                "tabhub_threads": procs::threads(self.tabhubs[0].pid),
             }),
         );
         Ok(())
@@ -460,7 +518,7 @@ impl Bench {
         tokio::time::sleep(Duration::from_secs(1)).await;
         self.reports(json!({})).await?;
         let types = tokens::event_types(self.shape.topics);
-        let cpu0 = self.tabhub.cpu_secs();
+        let cpu0 = self.cpu_secs();
         let t0 = Instant::now();
         let status = self
             .fixtures
@@ -490,7 +548,7 @@ impl Bench {
         };
         let emit_s = t0.elapsed().as_secs_f64();
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let cpu = self.tabhub.cpu_secs() - cpu0;
+        let cpu = self.cpu_secs() - cpu0;
         let rs = self.reports(json!({})).await?;
         let mut lat: Vec<u32> = Vec::new();
         let mut delivered = 0u64;
@@ -504,6 +562,7 @@ impl Bench {
         let per_s = delivered as f64 / self.shape.duration.max(0.001);
         let cpu_per_m = cpu / delivered.max(1) as f64 * 1e6;
         let p99 = lat["p99_ms"].as_f64().unwrap_or(f64::MAX);
+        let rss_now = self.rss_kib();
         let r = &mut self.rep;
         r.fig(
             "upstream events emitted",
@@ -539,7 +598,7 @@ impl Bench {
                 "latency": lat,
                 "tabhub_cpu_s": round3(cpu),
                 "tabhub_cpu_s_per_million_deliveries": round3(cpu_per_m),
-                "tabhub_rss_kib": self.tabhub.rss_kib(),
+                "tabhub_rss_kib": rss_now,
             }),
         );
         Ok(())
@@ -598,7 +657,7 @@ impl Bench {
         tokio::time::sleep_until(self.connected_at + tick * 2 + Duration::from_millis(500)).await;
         self.reports(json!({})).await?;
         let users = self.shape.users();
-        let cpu0 = self.tabhub.cpu_secs();
+        let cpu0 = self.cpu_secs();
         let t0 = Instant::now();
         let (tot0, per0) = self.fixtures.calls(0, users).await?;
         let reload = self.shape.groups.iter().find(|g| g.reload).cloned();
@@ -611,7 +670,7 @@ impl Bench {
         tokio::time::sleep_until(t0 + tick * ticks as u32).await;
         let (tot1, per1) = self.fixtures.calls(0, users).await?;
         let elapsed = t0.elapsed().as_secs_f64();
-        let cpu = self.tabhub.cpu_secs() - cpu0;
+        let cpu = self.cpu_secs() - cpu0;
         if reload.is_some() {
             let mut ok = 0;
             for w in &mut self.workers {
@@ -665,16 +724,20 @@ impl Bench {
             }))
             .await?;
         let mut lat = Vec::new();
-        let (mut changes, mut late) = (0, 0);
+        let (mut changes, mut late, mut repeated) = (0, 0, 0);
         for r in &rs {
             lat.extend(samples(&r["change_lat_us"]));
             changes += r["changes"].as_u64().unwrap_or(0);
             late += r["late_tabs"].as_u64().unwrap_or(0);
+            repeated += r["repeated"].as_u64().unwrap_or(0);
         }
         let lat = summary_ms(&mut lat);
         let max = lat["max_ms"].as_f64().unwrap_or(f64::MAX);
-        let within = max <= tick.as_millis() as f64 + 100.0 && late == 0;
-        let value = format!("{} ({changes} changes, {late} tabs late)", pcts(&lat));
+        let within = max <= tick.as_millis() as f64 + 100.0 && late == 0 && changes > 0;
+        let value = format!(
+            "{} ({changes} changes, {late} tabs late, {repeated} repeated)",
+            pcts(&lat)
+        );
         if self.targets {
             self.rep.target(
                 "change -> tab latency p50 / p99 / max",
@@ -684,6 +747,13 @@ impl Bench {
             );
         } else {
             self.rep.fig("change -> tab latency p50 / p99 / max", value);
+        }
+        let label = "session-status notifications without a change";
+        if self.targets {
+            self.rep
+                .target(label, repeated.to_string(), "0", repeated == 0);
+        } else {
+            self.rep.fig(label, repeated.to_string());
         }
         self.rep.set(
             "loops",
@@ -699,9 +769,179 @@ impl Bench {
                 "change_latency": lat,
                 "changes": changes,
                 "late_tabs": late,
+                "repeated_notifications": repeated,
             }),
         );
         Ok(())
+    }
+
+    /// Published messages through `POST /api/publish` on every instance in turn: at the shape's rate (users,
+    /// and every 20th message to a channel), then broadcasts, then as fast as tabhub answers.
+    async fn publish(&mut self) -> Result<(), String> {
+        let urls: Vec<String> = self
+            .tabhubs
+            .iter()
+            .map(|t| format!("http://{}/api/publish", t.addr))
+            .collect();
+        let users = self.shape.users();
+        let mix = Mix {
+            users,
+            tabs_per_user: self.shape.tabs() / users.max(1),
+            groups: self.shape.channels,
+            topic_every: if self.shape.channels > 0 { 20 } else { 0 },
+            broadcast: false,
+        };
+        let d = self.shape.duration.max(1.0);
+        let short = d.min(10.0);
+        let rate = if self.shape.rate > 0.0 {
+            self.shape.rate
+        } else {
+            1_000.0
+        };
+        let broker = if self.redis.is_some() {
+            "redis"
+        } else {
+            "memory"
+        };
+        self.rep.fig(
+            "publish: instances, broker, channels",
+            format!(
+                "{}, {broker}, {} (every 20th message to a channel)",
+                self.tabhubs.len(),
+                self.shape.channels
+            ),
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        self.reports(json!({"counts_only": true})).await?;
+        let mut phases = Vec::new();
+        let at_rate = publisher::at_rate(&urls, mix, rate, d, 512);
+        phases.push(self.publish_phase("at rate", at_rate).await?);
+        let broadcast = Mix {
+            broadcast: true,
+            ..mix
+        };
+        let casts = publisher::at_rate(&urls, broadcast, 2.0, short, 8);
+        phases.push(self.publish_phase("broadcast", casts).await?);
+        let flat = publisher::flat_out(&urls, mix, 32, 20, short);
+        phases.push(self.publish_phase("flat out", flat).await?);
+        self.rep.set(
+            "publish",
+            json!({"broker": broker, "instances": self.tabhubs.len(), "channels": self.shape.channels, "phases": phases}),
+        );
+        Ok(())
+    }
+
+    /// Runs one publishing run, waits for its deliveries to settle, and reports them.
+    async fn publish_phase(
+        &mut self,
+        name: &str,
+        run: impl std::future::Future<Output = Result<Outcome, String>>,
+    ) -> Result<Value, String> {
+        let redis0 = self.redis.as_ref().map_or(0.0, Redis::cpu_secs);
+        let cpu0 = self.cpu_secs();
+        let o = run.await?;
+        // Until every expected delivery arrived, or nothing more comes for a second (bounded).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let (mut last, mut still) = (u64::MAX, 0);
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let rs = orchestrate::all(
+                &mut self.workers,
+                &json!({"cmd": "report", "counts_only": true}),
+                "report",
+                Duration::from_secs(60),
+            )
+            .await?;
+            let n = published(&rs).0;
+            still = if n == last { still + 1 } else { 0 };
+            last = n;
+            if n >= o.expected || still >= 2 || Instant::now() > deadline {
+                break;
+            }
+        }
+        let cpu = self.cpu_secs() - cpu0;
+        let redis = self.redis.as_ref().map_or(0.0, Redis::cpu_secs) - redis0;
+        let rs = self.reports(json!({})).await?;
+        let (delivered, scopes) = published(&rs);
+        let mut lat: Vec<u32> = rs
+            .iter()
+            .flat_map(|r| samples(&r["publish_lat_us"]))
+            .collect();
+        let lat = summary_ms(&mut lat);
+        let mut req = o.request_us.clone();
+        let req = summary_ms(&mut req);
+        let secs = o.seconds.max(0.001);
+        let cpu_per_m = cpu / delivered.max(1) as f64 * 1e6;
+        let failures: u64 = o.failures.values().sum();
+        let r = &mut self.rep;
+        r.fig(
+            &format!("publish {name}: messages accepted / sent (requests)"),
+            format!(
+                "{} / {} ({} requests, {failures} failed{})",
+                o.accepted,
+                o.sent,
+                o.requests,
+                if o.behind > 0 {
+                    format!(", {} behind", o.behind)
+                } else {
+                    String::new()
+                }
+            ),
+        );
+        r.fig(
+            &format!("publish {name}: messages per second"),
+            format!("{:.0}", o.accepted as f64 / secs),
+        );
+        let label = format!("publish {name}: deliveries (received / expected)");
+        let value = format!(
+            "{delivered} / {} ({:.0}/s)",
+            o.expected,
+            delivered as f64 / secs
+        );
+        if self.targets {
+            r.target(
+                &label,
+                value,
+                "every one, once",
+                delivered == o.expected && failures == 0,
+            );
+        } else {
+            r.fig(&label, value);
+        }
+        r.fig(
+            &format!("publish {name}: publish -> tab latency p50 / p99 / max"),
+            pcts(&lat),
+        );
+        r.fig(
+            &format!("publish {name}: request time p50 / p99 / max"),
+            pcts(&req),
+        );
+        r.fig(
+            &format!("publish {name}: CPU per million deliveries (tabhub / redis)"),
+            format!(
+                "{cpu_per_m:.1} s / {:.1} s",
+                redis / delivered.max(1) as f64 * 1e6
+            ),
+        );
+        Ok(json!({
+            "phase": name,
+            "sent": o.sent,
+            "accepted": o.accepted,
+            "requests": o.requests,
+            "failures": o.failures,
+            "behind": o.behind,
+            "seconds": round3(o.seconds),
+            "messages_per_s": round3(o.accepted as f64 / secs),
+            "expected_deliveries": o.expected,
+            "delivered": delivered,
+            "delivered_by_scope": scopes,
+            "deliveries_per_s": round3(delivered as f64 / secs),
+            "latency": lat,
+            "request_time": req,
+            "tabhub_cpu_s": round3(cpu),
+            "tabhub_cpu_s_per_million_deliveries": round3(cpu_per_m),
+            "redis_cpu_s": round3(redis),
+        }))
     }
 
     /// Every tab dropped and reconnected at once.
@@ -714,7 +954,7 @@ impl Bench {
         }
         let (_, ever0) = self.fixtures.streams(0, users).await?;
         let (tot0, per0) = self.fixtures.calls(0, users).await?;
-        let cpu0 = self.tabhub.cpu_secs();
+        let cpu0 = self.cpu_secs();
         let t0 = Instant::now();
         let rs = orchestrate::all(
             &mut self.workers,
@@ -723,7 +963,7 @@ impl Bench {
             Duration::from_secs(600),
         )
         .await?;
-        let cpu = self.tabhub.cpu_secs() - cpu0;
+        let cpu = self.cpu_secs() - cpu0;
         let hs = handshakes(&rs);
         let drop_ns = rs
             .iter()
@@ -806,6 +1046,21 @@ impl Bench {
         self.rep.set("storm", storm);
         Ok(())
     }
+}
+
+/// Published messages received by all tabs, in all and per scope.
+fn published(rs: &[Value]) -> (u64, serde_json::Map<String, Value>) {
+    let mut scopes = serde_json::Map::new();
+    let mut total = 0;
+    for r in rs {
+        for (k, v) in r["published"].as_object().into_iter().flatten() {
+            let n = v.as_u64().unwrap_or(0);
+            total += n;
+            let sum = scopes.get(k).and_then(Value::as_u64).unwrap_or(0) + n;
+            scopes.insert(k.clone(), json!(sum));
+        }
+    }
+    (total, scopes)
 }
 
 fn samples(v: &Value) -> impl Iterator<Item = u32> + '_ {
