@@ -42,6 +42,7 @@ pub struct App {
 
 impl App {
     pub fn new(config: Config, registry: Registry) -> Arc<App> {
+        crate::auth::crypto::install();
         let metrics = Arc::new(Metrics::default());
         let settings = match serde_json::to_value(&config.commands) {
             Ok(Value::Object(m)) => m,

@@ -64,6 +64,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Before anything uses jsonwebtoken (demo mode mints tokens): ring checks RSA signatures.
+    tabhub::auth::crypto::install();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,

@@ -2,6 +2,7 @@
 //! ([`verify`]), and where a handshake's credential comes from ([`credential`]).
 
 pub mod credential;
+pub mod crypto;
 pub mod realm;
 pub mod verify;
 

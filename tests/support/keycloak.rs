@@ -128,6 +128,11 @@ impl Keycloak {
 
     /// Starts the realm `test` with options changed by `f` (e.g. `auto_approve`, lifetimes, more clients).
     pub async fn start_with(f: impl FnOnce(&mut RealmOptions)) -> Keycloak {
+        // As tabhub's main does, before the fixture mints anything: the tests check RSA signatures with ring.
+        assert!(
+            tabhub::auth::crypto::install(),
+            "jsonwebtoken was used before ring could be installed"
+        );
         let mut opts = test_realm();
         f(&mut opts);
         let realm_users = if opts.clients.iter().any(|c| c.id == UI_CLIENT) {
