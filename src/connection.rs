@@ -221,12 +221,7 @@ async fn handle_text(
             return;
         }
     };
-    let ctx = TabContext {
-        app,
-        session,
-        tab,
-        id: req.id.as_ref(),
-    };
+    let ctx = TabContext::new(session, tab, req.id.as_ref());
     // Unknown names must not grow the metrics without bound.
     let label = if app.registry.contains(&req.kind) {
         req.kind.as_str()

@@ -14,7 +14,8 @@ use crate::protocol;
 use crate::session::Session;
 use crate::tab::Tab;
 
-/// A loop function's context: the session, for one iteration.
+/// A loop function's context: the session, for one iteration. A handler's [`TabContext`] holds one too, so the two
+/// contexts share this single implementation of [`LoopContext`].
 pub struct LoopCtx {
     session: Arc<Session>,
 }
@@ -23,20 +24,6 @@ impl LoopCtx {
     pub fn new(session: Arc<Session>) -> Self {
         LoopCtx { session }
     }
-}
-
-fn backend_get<'a>(
-    session: &'a Session,
-    backend: &'a str,
-    path: &'a str,
-) -> BoxFuture<'a, Result<BackendResponse, BackendError>> {
-    Box::pin(async move {
-        session
-            .app()
-            .backends
-            .get_as_user(backend, path, session)
-            .await
-    })
 }
 
 impl LoopContext for LoopCtx {
@@ -54,7 +41,12 @@ impl LoopContext for LoopCtx {
         backend: &'a str,
         path: &'a str,
     ) -> BoxFuture<'a, Result<BackendResponse, BackendError>> {
-        backend_get(&self.session, backend, path)
+        Box::pin(
+            self.session
+                .app()
+                .backends
+                .get_as_user(backend, path, &self.session),
+        )
     }
     fn shared_get<'a>(
         &'a self,
@@ -64,42 +56,61 @@ impl LoopContext for LoopCtx {
     }
 }
 
-/// A handler's context: the tab that sent the message, its session, and the message's `id`.
+/// A handler's context: the tab that sent the message, the message's `id`, and its session as a [`LoopCtx`].
 pub struct TabContext<'a> {
-    pub app: &'a Arc<App>,
-    pub session: &'a Arc<Session>,
-    pub tab: &'a Arc<Tab>,
-    pub id: Option<&'a Value>,
+    loop_ctx: LoopCtx,
+    tab: &'a Arc<Tab>,
+    id: Option<&'a Value>,
 }
 
+impl<'a> TabContext<'a> {
+    pub fn new(session: &Arc<Session>, tab: &'a Arc<Tab>, id: Option<&'a Value>) -> Self {
+        TabContext {
+            loop_ctx: LoopCtx::new(session.clone()),
+            tab,
+            id,
+        }
+    }
+
+    fn session(&self) -> &Arc<Session> {
+        &self.loop_ctx.session
+    }
+
+    fn app(&self) -> &Arc<App> {
+        self.session().app()
+    }
+}
+
+/// Everything a loop function may do, a handler does through its [`LoopCtx`]. `Context: LoopContext` needs this impl
+/// on the type itself: a blanket impl over `Deref` could only live in the commands crate.
 impl LoopContext for TabContext<'_> {
     fn user(&self) -> &User {
-        &self.session.user
+        self.loop_ctx.user()
     }
     fn settings(&self) -> &Map<String, Value> {
-        &self.app.settings
+        self.loop_ctx.settings()
     }
     fn session_data(&self) -> &SessionData {
-        self.session.data()
+        self.loop_ctx.session_data()
     }
     fn backend_get<'a>(
         &'a self,
         backend: &'a str,
         path: &'a str,
     ) -> BoxFuture<'a, Result<BackendResponse, BackendError>> {
-        backend_get(self.session, backend, path)
+        self.loop_ctx.backend_get(backend, path)
     }
     fn shared_get<'a>(
         &'a self,
         url: &'a str,
     ) -> BoxFuture<'a, Result<BackendResponse, BackendError>> {
-        Box::pin(self.app.backends.shared_get(url))
+        self.loop_ctx.shared_get(url)
     }
 }
 
 impl Context for TabContext<'_> {
     fn instance(&self) -> &str {
-        &self.app.instance
+        &self.app().instance
     }
 
     fn reply(&self, kind: &str, data: Value) {
@@ -107,39 +118,39 @@ impl Context for TabContext<'_> {
     }
 
     fn notify_user(&self, kind: &str, data: Value) {
-        self.session.broadcast(kind, &data);
+        self.session().broadcast(kind, &data);
     }
 
     fn register_loop(&self, function: LoopFunction) -> bool {
-        self.session.register_loop(function)
+        self.session().register_loop(function)
     }
 
     fn snapshot(&self, function: &str) -> Option<Vec<Notification>> {
-        self.session.snapshot(function)
+        self.session().snapshot(function)
     }
 
     fn run_loop_now(&self, function: &str) {
-        self.session.run_loop_now(function);
+        self.session().run_loop_now(function);
     }
 
     fn set_hidden(&self, hidden: bool) {
-        self.session.set_hidden(self.tab, hidden);
+        self.session().set_hidden(self.tab, hidden);
     }
 
     fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Value, CommandError>> {
         Box::pin(async move {
             let verified = self
-                .app
+                .app()
                 .realm
                 .verify(token)
                 .await
                 .map_err(|e| CommandError::failed(e.to_string()))?;
-            if verified.user.id != self.session.user.id {
+            if verified.user.id != self.session().user.id {
                 return Err(CommandError::failed(
                     "the token belongs to another user; open a new connection to switch users",
                 ));
             }
-            self.session.offer_token(&verified);
+            self.session().offer_token(&verified);
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or_default()
@@ -160,7 +171,7 @@ impl Context for TabContext<'_> {
         let ack =
             |added| ack(added).map(|n: Notification| protocol::encode(&n.kind, &n.data, self.id));
         if let Topic::Channel(name) = topic {
-            let publish = &self.app.config.publish;
+            let publish = &self.app().config.publish;
             if !publish
                 .namespaces
                 .iter()
@@ -171,28 +182,31 @@ impl Context for TabContext<'_> {
                     publish.namespaces.join(", ")
                 )));
             }
-            let buffer = self.app.channels.buffer(name, publish.max_buffered_topics);
+            let buffer = self
+                .app()
+                .channels
+                .buffer(name, publish.max_buffered_topics);
             let guard = buffer.lock().unwrap_or_else(|p| p.into_inner());
             return self
-                .session
+                .session()
                 .subscribe_channel(self.tab, topic, last_event_id, ack, &guard)
                 .map_err(|e| CommandError::failed(format!("{topic}: {e}")));
         }
-        if self.app.config.gitlab.url.is_empty() {
+        if self.app().config.gitlab.url.is_empty() {
             return Err(CommandError::failed(format!(
                 "{topic}: subscriptions are not configured on this server (gitlab.url)"
             )));
         }
-        self.session
+        self.session()
             .subscribe(self.tab, topic, last_event_id, ack)
             .map_err(|e| CommandError::failed(format!("{topic}: {e}")))
     }
 
     fn unsubscribe(&self, topic: &Topic) -> bool {
-        self.session.unsubscribe(self.tab, topic)
+        self.session().unsubscribe(self.tab, topic)
     }
 
     fn subscriptions(&self) -> Vec<Topic> {
-        self.session.topics_of(self.tab)
+        self.session().topics_of(self.tab)
     }
 }

@@ -316,6 +316,40 @@ async fn key_rotation_is_picked_up_with_one_refetch() {
     assert_eq!(c.recv().await["type"], "ack");
 }
 
+/// A realm withdraws a key after rotating to a new one. tabhub learns it at its next key fetch (the new key's first
+/// token names a `kid` it does not know); from then on the withdrawn key's tokens are refused, including one that
+/// was verified before and sits in the cache of verified tokens.
+#[tokio::test]
+async fn a_withdrawn_key_is_refused_from_the_next_key_fetch_on() {
+    let kc = Keycloak::start().await;
+    let t = support::start_default(&kc).await;
+    let url = support::ws_url(&t);
+    let old = kc.mint(&TokenSpec::user("alice"));
+    Client::connect(&url, &old).await.close().await;
+
+    kc.rotate_keys();
+    kc.withdraw_key("fixture-rs256-a");
+    // Past the refetch interval (200 ms) since the start.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let fetched = kc.jwks_fetches();
+    let new = kc.mint(&TokenSpec::user("alice").key("rs256-b.pem", "fixture-rs256-b"));
+    Client::connect(&url, &new).await.close().await;
+    assert_eq!(kc.jwks_fetches(), fetched + 1, "the new key was fetched");
+
+    let (code, data) = refused(&url, &old).await;
+    assert_eq!(code, Some(4001), "the cached token of the withdrawn key");
+    assert!(
+        data["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("unknown signing key")),
+        "{data}"
+    );
+    let (code, _) = refused(&url, &kc.mint(&TokenSpec::user("bob"))).await;
+    assert_eq!(code, Some(4001), "a fresh token of the withdrawn key");
+    // The new key's token, cached as well, is not affected.
+    Client::connect(&url, &new).await.close().await;
+}
+
 #[tokio::test]
 async fn missing_credential_gets_renku_error_and_4000() {
     let kc = Keycloak::start().await;

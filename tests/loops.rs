@@ -1,5 +1,5 @@
 //! The Renku loop functions over real sockets, against the fixture gateway (`tabhub::demo::gateway`), which counts
-//! calls per user and can be told to change, slow down or fail.
+//! calls per user (and notes their times) and can be told to change, slow down or fail.
 //!
 //! "One call per tick" is checked against the engine's own count of iterations
 //! (`tabhub_loop_iterations_total{function}`): a function makes at most one call per iteration, so the gateway's
@@ -451,6 +451,62 @@ async fn a_refused_token_is_reported_once_and_a_fresh_one_recovers() {
     expect(&mut a, "recovered").await;
     s.ticks(V2, 2).await;
     a.expect_silence(Duration::from_millis(200)).await;
+}
+
+// ---- tick phases ----
+
+/// Sessions that start together do not call the backends together ever after (src/loops.rs): the first iteration
+/// runs at once, the second after a random 0.5-1.5 intervals, then one every interval. Twelve users start the
+/// sessions loop back to back; the gateway's arrival times of each user's first three calls tell the phases.
+///
+/// The bounds are loose for a busy machine: an offset is measured between two arrivals at the gateway, so it only
+/// moves by the difference of two calls' latencies (a delayed wake-up delays the iteration's start, from which the
+/// next tick is counted, too). The spread check is random: with 12 offsets uniform over one interval, all of them
+/// fall within 0.2 interval with probability 12*0.2^11 - 11*0.2^12 (range of 12 uniforms), about 2e-7.
+#[tokio::test]
+async fn sessions_started_together_spread_their_ticks() {
+    let s = Setup::with(|c| c.session.short_interval_ms = 1_000).await;
+    let interval = s.short.as_secs_f64();
+    let users: Vec<String> = (0..12).map(|i| format!("phase-{i}")).collect();
+    let mut tabs = Vec::new();
+    for u in &users {
+        tabs.push(s.tab(u).await);
+    }
+    for t in tabs.iter_mut() {
+        t.send("pullSessionStatus", json!({}), None).await;
+    }
+    let subs: Vec<String> = users.iter().map(|u| sub_of(u)).collect();
+    support::eventually("three sessions calls of every user", || {
+        subs.iter()
+            .all(|u| s.gw.call_times(Endpoint::Sessions, u).len() >= 3)
+    })
+    .await;
+
+    // Offsets in intervals: of the 2nd call from the 1st, and of the 3rd from the 2nd.
+    let (mut second, mut third) = (Vec::new(), Vec::new());
+    for u in &subs {
+        let t = s.gw.call_times(Endpoint::Sessions, u);
+        second.push((t[1] - t[0]).as_secs_f64() / interval);
+        third.push((t[2] - t[1]).as_secs_f64() / interval);
+    }
+    for (u, off) in users.iter().zip(&second) {
+        assert!(
+            (0.4..=1.8).contains(off),
+            "{u}: 2nd call {off:.2} intervals after the 1st, not within 0.5-1.5 (all: {second:.2?})"
+        );
+    }
+    let min = second.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = second.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    assert!(
+        max - min > 0.2,
+        "the 2nd calls are not spread: {second:.2?} intervals after the 1st"
+    );
+    for (u, off) in users.iter().zip(&third) {
+        assert!(
+            (0.7..=1.6).contains(off),
+            "{u}: 3rd call {off:.2} intervals after the 2nd, not about one (all: {third:.2?})"
+        );
+    }
 }
 
 // ---- hidden tabs ----

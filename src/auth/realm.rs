@@ -2,9 +2,11 @@
 //!
 //! Readiness (`/readyz`) waits for the first successful load. A token signed with a `kid` the cached key set does
 //! not know triggers one refetch, at most once per `auth.jwks_refetch_min_interval_ms`, so a realm can rotate keys
-//! without a restart and a flood of forged `kid`s cannot turn into a flood of requests to Keycloak.
+//! without a restart and a flood of forged `kid`s cannot turn into a flood of requests to Keycloak. Keys are fetched
+//! only then: a key the realm withdraws is noticed at the next such refetch, and from then on refused.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -74,9 +76,11 @@ pub struct Realm {
     /// When keys were last fetched; held during a refetch so concurrent unknown `kid`s cause one request.
     last_fetch: tokio::sync::Mutex<Option<Instant>>,
     /// Tokens already verified, by token: a user's tabs, reloads and reconnect storms present the same token
-    /// again, and an RSA verification is about half of a handshake's CPU. Entries live at most a minute (a key
-    /// withdrawn from the JWKS stops working within that) and a hit re-checks `exp`.
+    /// again, and an RSA verification is about half of a handshake's CPU. Entries live at most a minute, a hit
+    /// re-checks `exp`, and a fetched key set that lost a key empties the cache (see `install`).
     pub(crate) verified: moka::sync::Cache<Arc<str>, super::Verified>,
+    /// How many fetched key sets lost a key: a verification that straddles one must not cache its result.
+    withdrawals: AtomicU64,
 }
 
 impl Realm {
@@ -95,6 +99,7 @@ impl Realm {
                 .max_capacity(50_000)
                 .time_to_live(Duration::from_secs(60))
                 .build(),
+            withdrawals: AtomicU64::new(0),
         })
     }
 
@@ -157,12 +162,39 @@ impl Realm {
         discovery.document = document;
         let (keys, jwks) = self.fetch_keys(&discovery.jwks_uri).await?;
         *self.last_fetch.lock().await = Some(Instant::now());
-        *self.loaded.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(Loaded {
+        self.install(Arc::new(Loaded {
             discovery,
             keys,
             jwks,
         }));
         Ok(())
+    }
+
+    /// Makes `new` the realm's state. When a key of the previous set is gone (or changed under its `kid`), the
+    /// cache of verified tokens is emptied: tokens verified with that key must be refused from now on, not for up
+    /// to another minute. Emptying it all is simpler than finding them, also covers tokens without a `kid`, and is
+    /// cheap: a withdrawal is rare, and each cached token then costs one more signature check.
+    fn install(&self, new: Arc<Loaded>) {
+        let withdrawn = {
+            let mut loaded = self.loaded.write().unwrap_or_else(|p| p.into_inner());
+            let withdrawn = loaded
+                .as_ref()
+                .is_some_and(|old| lost_a_key(&old.jwks, &new.jwks));
+            *loaded = Some(new);
+            withdrawn
+        };
+        if withdrawn {
+            tracing::info!("a signing key was withdrawn from the realm: verified tokens forgotten");
+            // Counted before emptying: a verification that read the count earlier and inserts after the emptying
+            // sees the change and drops its entry (see `verify`).
+            self.withdrawals.fetch_add(1, Ordering::SeqCst);
+            self.verified.invalidate_all();
+        }
+    }
+
+    /// How many fetched key sets lost a key so far.
+    pub(crate) fn withdrawals(&self) -> u64 {
+        self.withdrawals.load(Ordering::SeqCst)
     }
 
     /// Refetches the key set after a token named an unknown `kid`, unless keys were fetched recently. Returns the
@@ -183,7 +215,7 @@ impl Realm {
                     keys,
                     jwks,
                 });
-                *self.loaded.write().unwrap_or_else(|p| p.into_inner()) = Some(updated.clone());
+                self.install(updated.clone());
                 Some(updated)
             }
             Err(e) => {
@@ -259,5 +291,38 @@ impl Realm {
         resp.json()
             .await
             .map_err(|e| err(e.without_url().to_string()))
+    }
+}
+
+/// Whether a key of the JWKS `old` is not in `new`, compared as whole JWKs: a `kid` reused for another key counts as
+/// a withdrawal too.
+fn lost_a_key(old: &Value, new: &Value) -> bool {
+    let kept = new["keys"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    old["keys"]
+        .as_array()
+        .is_some_and(|keys| keys.iter().any(|k| !kept.contains(k)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lost_a_key;
+    use serde_json::json;
+
+    #[test]
+    fn only_a_removed_or_changed_key_is_a_withdrawal() {
+        let a = json!({"kid": "a", "kty": "RSA", "n": "1", "e": "AQAB"});
+        let b = json!({"kid": "b", "kty": "RSA", "n": "2", "e": "AQAB"});
+        let a2 = json!({"kid": "a", "kty": "RSA", "n": "3", "e": "AQAB"});
+        let set = |keys: &[&serde_json::Value]| json!({ "keys": keys });
+        assert!(!lost_a_key(&set(&[&a]), &set(&[&a])), "unchanged");
+        assert!(!lost_a_key(&set(&[&a]), &set(&[&b, &a])), "added");
+        assert!(lost_a_key(&set(&[&a, &b]), &set(&[&b])), "removed");
+        assert!(
+            lost_a_key(&set(&[&a]), &set(&[&a2])),
+            "another key under the kid"
+        );
     }
 }

@@ -143,8 +143,13 @@ impl Realm {
             }
             return Ok(v);
         }
+        let withdrawals = self.withdrawals();
         let v = self.verify_uncached(token).await?;
         self.verified.insert(v.token.clone(), v.clone());
+        if self.withdrawals() != withdrawals {
+            // A key was withdrawn meanwhile, perhaps the one this token was verified with.
+            self.verified.invalidate(token);
+        }
         Ok(v)
     }
 

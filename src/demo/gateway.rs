@@ -10,7 +10,9 @@
 //! - `GET /ui-version`: `{"version": "x.y.z"}` (the `ui_version_url` of `init`).
 //!
 //! Every call is counted per endpoint and per user (`sub` of the bearer token, `anonymous` without one), and the
-//! calls in flight are tracked, so tests can check "one call per tick" and "no overlapping calls". Tests change the
+//! calls in flight are tracked, so tests can check "one call per tick" and "no overlapping calls". The arrival times
+//! of each user's first [`KEPT_CALL_TIMES`] calls per endpoint are kept too, so tests can check when ticks come
+//! (their phases). Tests change the
 //! answers through [`Gateway`]'s methods: a user's sessions, a project's progress or status code, a delay or a
 //! failure per endpoint, the version. The sessions and KG endpoints answer 401 without a bearer token, as Renku's
 //! gateway does.
@@ -20,7 +22,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -37,6 +39,10 @@ const UI_VERSION: &str = include_str!("../../fixtures/gateway/ui_version.json");
 
 /// The user of a request without a bearer token.
 pub const ANONYMOUS: &str = "anonymous";
+
+/// How many call times are kept per endpoint and user: the first few ticks are what tests look at, and the demo's
+/// gateway runs for days, so the record must not grow with every call.
+pub const KEPT_CALL_TIMES: usize = 16;
 
 /// The fixture's endpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -93,6 +99,8 @@ struct Inner {
     delays: HashMap<Endpoint, Duration>,
     failures: HashMap<Endpoint, u16>,
     calls: HashMap<(Endpoint, String), u64>,
+    /// When the first [`KEPT_CALL_TIMES`] calls arrived.
+    call_times: HashMap<(Endpoint, String), Vec<Instant>>,
     kg_calls: HashMap<String, u64>,
     flights: HashMap<(Endpoint, String), Flight>,
     demo_tick: u64,
@@ -125,6 +133,7 @@ impl Gateway {
                 delays: HashMap::new(),
                 failures: HashMap::new(),
                 calls: HashMap::new(),
+                call_times: HashMap::new(),
                 kg_calls: HashMap::new(),
                 flights: HashMap::new(),
                 demo_tick: 0,
@@ -167,6 +176,15 @@ impl Gateway {
             .get(&(endpoint, user.to_owned()))
             .copied()
             .unwrap_or(0)
+    }
+
+    /// When the first calls (at most [`KEPT_CALL_TIMES`]) of `user` to `endpoint` arrived, in order.
+    pub fn call_times(&self, endpoint: Endpoint, user: &str) -> Vec<Instant> {
+        self.lock()
+            .call_times
+            .get(&(endpoint, user.to_owned()))
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Calls to `endpoint` by anyone.
@@ -312,11 +330,15 @@ impl Gateway {
 
     // ---- serving ----
 
-    /// Counts the call and marks it in flight until the returned guard drops (also when the client gives up and
+    /// Counts the call, notes its time and marks it in flight until the returned guard drops (also when the client gives up and
     /// the server drops the handler).
     fn enter(&self, endpoint: Endpoint, user: &str, project: Option<&str>) -> InFlight {
         let mut g = self.lock();
         *g.calls.entry((endpoint, user.to_owned())).or_default() += 1;
+        let times = g.call_times.entry((endpoint, user.to_owned())).or_default();
+        if times.len() < KEPT_CALL_TIMES {
+            times.push(Instant::now());
+        }
         if let Some(p) = project {
             *g.kg_calls.entry(p.to_owned()).or_default() += 1;
         }

@@ -166,6 +166,11 @@ impl Keycloak {
         self.realm.rotate_keys();
     }
 
+    /// Takes `kid` out of the published key set (and the realm stops accepting its tokens).
+    pub fn withdraw_key(&self, kid: &str) {
+        self.realm.withdraw_key(kid);
+    }
+
     pub fn jwks_fetches(&self) -> usize {
         self.realm.jwks_fetches()
     }

@@ -16,7 +16,7 @@ use super::http::{
     bad_request, bearer, error_page, invalid_token, no_store, oauth_error, page, params, redirect,
     OAuthError,
 };
-use super::{lock, tokens, DevIssuer};
+use super::{lock, DevIssuer};
 
 /// Keycloak's discovery document, limited to what this realm really does where a client would choose by it
 /// (grant types, response types and modes, client authentication methods).
@@ -56,11 +56,7 @@ pub(super) async fn discovery(State(i): State<Arc<DevIssuer>>) -> Json<Value> {
 
 pub(super) async fn certs(State(i): State<Arc<DevIssuer>>) -> Response {
     i.jwks_fetches.fetch_add(1, Ordering::SeqCst);
-    let body = if i.rotated.load(Ordering::SeqCst) {
-        tokens::JWKS_ROTATED
-    } else {
-        tokens::JWKS
-    };
+    let body = i.published_jwks();
     (
         [
             (CONTENT_TYPE, "application/json"),
@@ -169,17 +165,10 @@ impl DevIssuer {
     /// has no browser cookies.
     async fn logout(&self, p: &HashMap<String, String>) -> Response {
         let hint = match p.get("id_token_hint") {
-            Some(h) => {
-                let rotated = self.rotated.load(Ordering::SeqCst);
-                match self
-                    .keys
-                    .verify(h, &self.issuer, rotated)
-                    .filter(|c| c["typ"] == "ID")
-                {
-                    Some(c) => Some(c),
-                    None => return error_page("Invalid parameter: id_token_hint"),
-                }
-            }
+            Some(h) => match self.verify_published(h).filter(|c| c["typ"] == "ID") {
+                Some(c) => Some(c),
+                None => return error_page("Invalid parameter: id_token_hint"),
+            },
             None => None,
         };
         let hinted_client = hint.as_ref().and_then(|c| c["azp"].as_str());

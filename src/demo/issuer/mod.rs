@@ -5,14 +5,15 @@
 //! paths with Keycloak's documents, claims, status codes and error bodies, so that what works against it works
 //! against a real realm:
 //!
-//! - `/.well-known/openid-configuration`, `/protocol/openid-connect/certs` (JWKS, switchable to a rotated set);
+//! - `/.well-known/openid-configuration`, `/protocol/openid-connect/certs` (JWKS, switchable to a rotated set,
+//!   keys can be withdrawn);
 //! - `/protocol/openid-connect/auth`: authorization code flow with PKCE, a login form or automatic approval;
 //! - `/protocol/openid-connect/token`: `password`, `authorization_code`, `refresh_token` (rotated: each refresh
 //!   token works once) and `client_credentials`;
 //! - `/protocol/openid-connect/token/introspect` (RFC 7662), `/userinfo`, `/logout` (RP-initiated, with
 //!   back-channel logout to the session's clients).
 //!
-//! Tests steer it with knobs (lifetimes, key rotation, counters, ending sessions, an unreachable realm) and make
+//! Tests steer it with knobs (lifetimes, key rotation and withdrawal, counters, ending sessions, an unreachable realm) and make
 //! back-channel logout tokens with it. Module map: [`options`] (what the realm holds), `store` (sessions, codes,
 //! issued tokens), `tokens` (keys and claims), `http` (parameters, client authentication, error shapes),
 //! `authorize` (the browser login), `token_endpoint` (the grants), `endpoints` (the rest).
@@ -28,7 +29,7 @@ mod tokens;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -72,6 +73,8 @@ pub struct DevIssuer {
     access_ms: AtomicU64,
     refresh_ms: AtomicU64,
     rotated: AtomicBool,
+    /// `kid`s taken out of the published key set.
+    withdrawn: Mutex<HashSet<String>>,
     unreachable: AtomicBool,
     jwks_fetches: AtomicUsize,
     introspections: AtomicUsize,
@@ -96,6 +99,7 @@ impl DevIssuer {
             access_ms: AtomicU64::new(millis(opts.access_token_lifetime)),
             refresh_ms: AtomicU64::new(millis(opts.refresh_token_lifetime)),
             rotated: AtomicBool::new(false),
+            withdrawn: Mutex::new(HashSet::new()),
             unreachable: AtomicBool::new(false),
             jwks_fetches: AtomicUsize::new(0),
             introspections: AtomicUsize::new(0),
@@ -159,6 +163,41 @@ impl DevIssuer {
     /// Publishes the rotated key set (`jwks-rotated.json`: adds `fixture-rs256-b`).
     pub fn rotate_keys(&self) {
         self.rotated.store(true, Ordering::SeqCst);
+    }
+
+    /// Takes the key `kid` out of the published key set: the JWKS no longer lists it and the realm no longer accepts
+    /// tokens signed with it. The realm keeps signing its own tokens with `fixture-rs256-a`: withdrawing that key
+    /// makes them unverifiable, as tokens of a withdrawn key are.
+    pub fn withdraw_key(&self, kid: &str) {
+        lock(&self.withdrawn).insert(kid.to_owned());
+    }
+
+    /// The JWKS as published now: the initial or the rotated set, without the withdrawn keys.
+    fn published_jwks(&self) -> String {
+        let set = if self.rotated.load(Ordering::SeqCst) {
+            tokens::JWKS_ROTATED
+        } else {
+            tokens::JWKS
+        };
+        let withdrawn = lock(&self.withdrawn);
+        if withdrawn.is_empty() {
+            return set.to_owned();
+        }
+        let mut doc: Value = serde_json::from_str(set).unwrap_or_else(|_| json!({"keys": []}));
+        if let Some(keys) = doc["keys"].as_array_mut() {
+            keys.retain(|k| k["kid"].as_str().is_none_or(|kid| !withdrawn.contains(kid)));
+        }
+        doc.to_string()
+    }
+
+    /// The claims of a token signed by a key the realm publishes now (see `Keys::verify`).
+    fn verify_published(&self, token: &str) -> Option<Value> {
+        let kid = jsonwebtoken::decode_header(token).ok()?.kid?;
+        if lock(&self.withdrawn).contains(&kid) {
+            return None;
+        }
+        let rotated = self.rotated.load(Ordering::SeqCst);
+        self.keys.verify(token, &self.issuer, rotated)
     }
 
     /// How many times the JWKS was fetched.
@@ -363,9 +402,8 @@ impl DevIssuer {
     /// Whether a token is active now: signed by the realm, not expired (to the millisecond for the tokens it
     /// issued), its session still active. Returns its claims when it is.
     fn active_claims(&self, token: &str) -> Option<Value> {
-        let rotated = self.rotated.load(Ordering::SeqCst);
         let now = now_ms();
-        if let Some(claims) = self.keys.verify(token, &self.issuer, rotated) {
+        if let Some(claims) = self.verify_published(token) {
             let jti = claims["jti"].as_str().unwrap_or_default();
             let st = lock(&self.store);
             let alive = match st.access(jti) {

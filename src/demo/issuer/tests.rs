@@ -249,6 +249,11 @@ async fn discovery_has_keycloak_shape_and_parses_as_openid_metadata() {
     realm.rotate_keys();
     assert!(kids(get_jwks().await).contains(&"fixture-rs256-b".to_string()));
     assert_eq!(realm.jwks_fetches(), 2);
+    realm.withdraw_key("fixture-rs256-a");
+    assert_eq!(
+        kids(get_jwks().await),
+        ["fixture-rs256-b", "fixture-es256-a"]
+    );
 }
 
 #[tokio::test]
