@@ -70,6 +70,9 @@ pub struct AuthConfig {
     pub http_timeout_ms: u64,
     /// A token with an unknown `kid` triggers a JWKS refetch at most this often.
     pub jwks_refetch_min_interval_ms: u64,
+    /// The JWKS is also refetched this often (0: never), so that a key the realm withdraws stops being accepted
+    /// even when no token names a new `kid` (Keycloak rotates in the new key long before removing the old one).
+    pub jwks_refresh_interval_ms: u64,
     /// `authExpiring` is sent this long before the session's token expires.
     pub expiry_warning_ms: u64,
 }
@@ -395,6 +398,7 @@ impl Default for AuthConfig {
             discovery_retry_max_ms: 30_000,
             http_timeout_ms: 5_000,
             jwks_refetch_min_interval_ms: 10_000,
+            jwks_refresh_interval_ms: 600_000,
             expiry_warning_ms: 60_000,
         }
     }

@@ -351,6 +351,34 @@ async fn a_withdrawn_key_is_refused_from_the_next_key_fetch_on() {
 }
 
 #[tokio::test]
+async fn a_withdrawn_key_is_refused_after_the_periodic_refresh_without_any_new_kid() {
+    let kc = Keycloak::start().await;
+    let mut c = support::config(&kc);
+    c.auth.jwks_refresh_interval_ms = 300;
+    let t = support::start(c, Registry::builtin()).await;
+    let url = support::ws_url(&t);
+    let old = kc.mint(&TokenSpec::user("alice"));
+    Client::connect(&url, &old).await.close().await;
+    let fetched = kc.jwks_fetches();
+    // Keycloak's order: the new key comes in, later the old one goes; no token names an unknown kid meanwhile.
+    kc.rotate_keys();
+    kc.withdraw_key("fixture-rs256-a");
+    // Two more fetches: a refetch that began before the withdrawal is followed by one after it.
+    support::eventually("periodic JWKS refetches", || {
+        kc.jwks_fetches() >= fetched + 2
+    })
+    .await;
+    let (code, data) = refused(&url, &old).await;
+    assert_eq!(code, Some(4001), "the cached token of the withdrawn key");
+    assert!(
+        data["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("unknown signing key")),
+        "{data}"
+    );
+}
+
+#[tokio::test]
 async fn missing_credential_gets_renku_error_and_4000() {
     let kc = Keycloak::start().await;
     let t = support::start_default(&kc).await;

@@ -2,8 +2,9 @@
 //!
 //! Readiness (`/readyz`) waits for the first successful load. A token signed with a `kid` the cached key set does
 //! not know triggers one refetch, at most once per `auth.jwks_refetch_min_interval_ms`, so a realm can rotate keys
-//! without a restart and a flood of forged `kid`s cannot turn into a flood of requests to Keycloak. Keys are fetched
-//! only then: a key the realm withdraws is noticed at the next such refetch, and from then on refused.
+//! without a restart and a flood of forged `kid`s cannot turn into a flood of requests to Keycloak. Keys are also
+//! refetched every `auth.jwks_refresh_interval_ms`: a key the realm withdraws is noticed at the next refetch of
+//! either kind, and from then on refused (cached verified tokens included).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -124,7 +125,8 @@ impl Realm {
         self.loaded().map(|l| l.discovery.clone())
     }
 
-    /// Loads discovery and keys, retrying with exponential backoff and jitter until it succeeds.
+    /// Loads discovery and keys, retrying with exponential backoff and jitter until it succeeds; then refreshes the
+    /// keys every `auth.jwks_refresh_interval_ms` while the realm is in use.
     pub async fn load_with_retry(self: Arc<Self>) {
         let mut delay = Duration::from_millis(self.config.discovery_retry_initial_ms.max(1));
         let max = Duration::from_millis(self.config.discovery_retry_max_ms.max(1));
@@ -132,7 +134,7 @@ impl Realm {
             match self.load().await {
                 Ok(()) => {
                     tracing::info!(issuer = %self.config.issuer, "realm discovery and keys loaded");
-                    return;
+                    break;
                 }
                 Err(e) => {
                     let wait = crate::backoff::full_jitter(delay);
@@ -141,6 +143,20 @@ impl Realm {
                     delay = (delay * 2).min(max);
                 }
             }
+        }
+        let every = Duration::from_millis(self.config.jwks_refresh_interval_ms);
+        if every.is_zero() {
+            return;
+        }
+        // Weak: the refresh ends with the server that owns the realm.
+        let realm = Arc::downgrade(&self);
+        drop(self);
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(realm) = realm.upgrade() else { return };
+            let mut last = realm.last_fetch.lock().await;
+            *last = Some(Instant::now());
+            realm.fetch_and_install("periodic refresh").await;
         }
     }
 
@@ -205,11 +221,16 @@ impl Realm {
         if last.is_some_and(|t| t.elapsed() < min) {
             return self.loaded();
         }
-        let current = self.loaded()?;
         *last = Some(Instant::now());
+        self.fetch_and_install("an unknown kid").await
+    }
+
+    /// Fetches the key set and installs it; on failure keeps the current one. Called with `last_fetch` held.
+    async fn fetch_and_install(&self, why: &'static str) -> Option<Arc<Loaded>> {
+        let current = self.loaded()?;
         match self.fetch_keys(&current.discovery.jwks_uri).await {
             Ok((keys, jwks)) => {
-                tracing::info!(keys = keys.len(), "realm keys refetched for an unknown kid");
+                tracing::info!(keys = keys.len(), why, "realm keys refetched");
                 let updated = Arc::new(Loaded {
                     discovery: current.discovery.clone(),
                     keys,
@@ -219,7 +240,7 @@ impl Realm {
                 Some(updated)
             }
             Err(e) => {
-                tracing::warn!(error = %e, "realm keys refetch failed");
+                tracing::warn!(error = %e, why, "realm keys refetch failed");
                 Some(current)
             }
         }
