@@ -421,6 +421,8 @@ impl Bench {
         let failed = hs["failed"].as_u64().unwrap_or(0);
         let attempts_failed = hs["attempts_failed"].as_u64().unwrap_or(0);
         let t = self.targets;
+        // Tabs that only connect: the handshake and memory targets are about them.
+        let bare = self.shape.topics == 0 && self.shape.channels == 0 && !self.looping;
         let fds = self.fds();
         let r = &mut self.rep;
         r.fig(
@@ -445,12 +447,20 @@ impl Bench {
                 "0",
                 attempts_failed == 0,
             );
-            r.target(
-                "handshake rate",
-                format!("{rate:.0} tabs/s"),
-                ">= 5000 tabs/s",
-                rate >= 5_000.0,
-            );
+            if bare {
+                r.target(
+                    "handshake rate",
+                    format!("{rate:.0} tabs/s"),
+                    ">= 5000 tabs/s",
+                    rate >= 5_000.0,
+                );
+            } else {
+                // Each tab also subscribes or starts its user's loop: more than a handshake.
+                r.fig(
+                    "handshake rate (with the tabs' first commands)",
+                    format!("{rate:.0} tabs/s"),
+                );
+            }
         } else {
             r.fig("tabs connected", format!("{ok} / {tabs}"));
             r.fig(
@@ -472,7 +482,6 @@ impl Bench {
                 rss1 as f64 / 1024.0
             ),
         );
-        let bare = self.shape.topics == 0 && !self.looping;
         if t && bare {
             r.target(
                 "tabhub RSS per tab",
