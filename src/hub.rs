@@ -6,7 +6,7 @@
 //! (its generation did not move), so closing and reopening a tab any number of times leaves exactly one session.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use crate::app::App;
@@ -91,6 +91,23 @@ impl Hub {
         let sessions: Vec<_> = self.lock().drain().map(|(_, s)| s).collect();
         for s in sessions {
             s.stop_now(code, reason);
+        }
+    }
+}
+
+/// Each time the realm withdraws a signing key, every session re-checks its token ([`Session::recheck_token`]): a
+/// withdrawn key (a compromised one, say) must not keep connections served until their tokens expire. One
+/// signature check per session, one session at a time; ends with the server.
+pub async fn recheck_on_withdrawal(app: Weak<App>) {
+    let Some(mut changes) = app.upgrade().map(|a| a.realm.withdrawal_changes()) else {
+        return;
+    };
+    while changes.changed().await.is_ok() {
+        let Some(sessions) = app.upgrade().map(|a| a.hub.all()) else {
+            return;
+        };
+        for s in sessions {
+            s.recheck_token().await;
         }
     }
 }

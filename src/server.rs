@@ -96,6 +96,7 @@ pub async fn start(
     let addr = listener.local_addr()?;
     let app = App::new(config, registry);
     tokio::spawn(app.realm.clone().load_with_retry());
+    tokio::spawn(crate::hub::recheck_on_withdrawal(Arc::downgrade(&app)));
     app.broker.start(Arc::downgrade(&app));
     let router = Router::new()
         .route("/ws", get(crate::handshake::upgrade))

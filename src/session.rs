@@ -311,6 +311,19 @@ impl Session {
         });
     }
 
+    /// Makes a token just refreshed through token custody the session's token unless the current one expires
+    /// later: a refresh within the second of the previous token has the same `exp`, and must still replace it (the
+    /// previous one may be signed by a withdrawn key).
+    fn renew_token(&self, token: &Verified) {
+        self.token.send_if_modified(|cur| {
+            let renew = cur.as_ref().is_none_or(|c| token.exp >= c.exp);
+            if renew {
+                *cur = Some(token.clone());
+            }
+            renew
+        });
+    }
+
     /// A receiver that sees every change of the session's token.
     pub fn token_changes(&self) -> watch::Receiver<Option<Verified>> {
         self.token.subscribe()
@@ -763,6 +776,31 @@ async fn watch_expiry(session: Weak<Session>, mut token: watch::Receiver<Option<
 }
 
 impl Session {
+    /// After the realm withdrew a signing key: when the session's token no longer verifies, renews it through token
+    /// custody if the tabs came that way, else tells the tabs and closes them with 4002 (get a new token, then
+    /// reconnect). A realm that cannot be reached changes nothing.
+    pub(crate) async fn recheck_token(self: &Arc<Self>) {
+        let Some(current) = self.valid_token() else {
+            return;
+        };
+        let why = match self.app.realm.verify_uncached(&current.token).await {
+            Err(crate::auth::AuthError::Invalid(why)) => why,
+            _ => return,
+        };
+        if let Some(custody) = self.app.custody.clone() {
+            let sources = self.sources(current.source.as_ref());
+            if !sources.is_empty() && self.refresh_from(&custody, &sources).await {
+                return;
+            }
+        }
+        tracing::info!(user = %self.user.id, why, "session token no longer verifies");
+        self.broadcast(
+            "error",
+            &json!({"message": format!("Your access token is no longer valid ({why})."), "authExpired": true}),
+        );
+        self.close_all(close_codes::TOKEN_EXPIRED, "token no longer valid");
+    }
+
     /// Refreshes the session's token through one of its browser sessions. A browser session whose refresh token
     /// is refused has its tabs told and closed (4002) and the next one is tried. True when a fresh token was
     /// installed; false when the identity provider could not be reached (or no source is left).
@@ -776,7 +814,7 @@ impl Session {
             match custody.refresh(src).await {
                 Ok(_) => match custody.fresh_token(src).await {
                     Ok(v) => {
-                        self.offer_token(&v);
+                        self.renew_token(&v);
                         self.rebuild_streams();
                         return true;
                     }

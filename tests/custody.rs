@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use support::client::Cred;
 use support::keycloak::{sub_of, TABHUB_CLIENT, TABHUB_SECRET};
-use support::{Client, Keycloak};
+use support::{Client, Keycloak, TokenSpec};
 use tabhub::commands::{
     BoxFuture, Cadence, Command, CommandError, Context, LoopFunction, Registry,
 };
@@ -253,6 +253,49 @@ async fn short_tokens_are_refreshed_silently_and_loops_use_the_new_one() {
     loop {
         let m = a.recv().await;
         assert_ne!(m["type"], "authExpiring", "custody refreshes silently");
+        if m["id"] == "p" {
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_withdrawn_key_renews_the_session_token_through_custody_without_closing_tabs() {
+    // Long-lived tokens: no refresh is due on its own during the test.
+    let s = setup(Duration::from_secs(300)).await;
+    let cookie = s.login("/").await;
+    let mut a = s.tab(&cookie).await;
+    a.send("poll", json!({}), None).await;
+    a.recv_type("polling").await;
+    let kid_of = |t: &str| jsonwebtoken::decode_header(t).ok().and_then(|h| h.kid);
+    support::eventually("a first backend call", || {
+        s.seen.0.lock().unwrap().last().and_then(|t| kid_of(t)) == Some("fixture-rs256-a".into())
+    })
+    .await;
+    let refreshes = s.kc.realm().token_requests("refresh_token");
+    s.kc.rotate_keys();
+    s.kc.withdraw_key("fixture-rs256-a");
+    // Past the refetch interval: a token of the new key makes tabhub refetch the keys and see the withdrawal.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let bob =
+        s.kc.mint(&TokenSpec::user("bob").key("rs256-b.pem", "fixture-rs256-b"));
+    Client::connect(&support::ws_url(&s.t), &bob)
+        .await
+        .close()
+        .await;
+    support::eventually("a refresh through custody", || {
+        s.kc.realm().token_requests("refresh_token") > refreshes
+    })
+    .await;
+    support::eventually("the loop calls with the new key's token", || {
+        s.seen.0.lock().unwrap().last().and_then(|t| kid_of(t)) == Some("fixture-rs256-b".into())
+    })
+    .await;
+    // Still connected, never told to re-authenticate.
+    a.send("ping", json!({}), Some(json!("p"))).await;
+    loop {
+        let m = a.recv().await;
+        assert_ne!(m["data"]["authExpired"], true, "{m}");
         if m["id"] == "p" {
             break;
         }

@@ -351,6 +351,30 @@ async fn a_withdrawn_key_is_refused_from_the_next_key_fetch_on() {
 }
 
 #[tokio::test]
+async fn a_withdrawn_key_closes_the_tabs_of_the_sessions_whose_token_it_signed() {
+    let kc = Keycloak::start().await;
+    let t = support::start_default(&kc).await;
+    let url = support::ws_url(&t);
+    let mut alice = Client::connect(&url, &kc.mint(&TokenSpec::user("alice"))).await;
+    kc.rotate_keys();
+    kc.withdraw_key("fixture-rs256-a");
+    // Past the refetch interval (200 ms): bob's token names the new kid, and its refetch sees the withdrawal.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let bob_token = kc.mint(&TokenSpec::user("bob").key("rs256-b.pem", "fixture-rs256-b"));
+    let mut bob = Client::connect(&url, &bob_token).await;
+    let (code, msgs) = alice.closed().await;
+    assert_eq!(code, Some(4002), "get a new token: {msgs:?}");
+    assert!(
+        msgs.iter()
+            .any(|m| m["type"] == "error" && m["data"]["authExpired"] == true),
+        "{msgs:?}"
+    );
+    // A session whose token the new key signed is served on.
+    bob.send("ping", json!({}), None).await;
+    assert_eq!(bob.recv().await["type"], "ack");
+}
+
+#[tokio::test]
 async fn a_withdrawn_key_is_refused_after_the_periodic_refresh_without_any_new_kid() {
     let kc = Keycloak::start().await;
     let mut c = support::config(&kc);

@@ -7,7 +7,6 @@
 //! either kind, and from then on refused (cached verified tokens included).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -80,8 +79,9 @@ pub struct Realm {
     /// again, and an RSA verification is about half of a handshake's CPU. Entries live at most a minute, a hit
     /// re-checks `exp`, and a fetched key set that lost a key empties the cache (see `install`).
     pub(crate) verified: moka::sync::Cache<Arc<str>, super::Verified>,
-    /// How many fetched key sets lost a key: a verification that straddles one must not cache its result.
-    withdrawals: AtomicU64,
+    /// How many fetched key sets lost a key: a verification that straddles one must not cache its result, and
+    /// the sessions re-check their tokens after each (see [`crate::hub::recheck_on_withdrawal`]).
+    withdrawals: tokio::sync::watch::Sender<u64>,
 }
 
 impl Realm {
@@ -100,7 +100,7 @@ impl Realm {
                 .max_capacity(50_000)
                 .time_to_live(Duration::from_secs(60))
                 .build(),
-            withdrawals: AtomicU64::new(0),
+            withdrawals: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -203,14 +203,19 @@ impl Realm {
             tracing::info!("a signing key was withdrawn from the realm: verified tokens forgotten");
             // Counted before emptying: a verification that read the count earlier and inserts after the emptying
             // sees the change and drops its entry (see `verify`).
-            self.withdrawals.fetch_add(1, Ordering::SeqCst);
+            self.withdrawals.send_modify(|n| *n += 1);
             self.verified.invalidate_all();
         }
     }
 
     /// How many fetched key sets lost a key so far.
     pub(crate) fn withdrawals(&self) -> u64 {
-        self.withdrawals.load(Ordering::SeqCst)
+        *self.withdrawals.borrow()
+    }
+
+    /// A receiver that sees every withdrawal.
+    pub(crate) fn withdrawal_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.withdrawals.subscribe()
     }
 
     /// Refetches the key set after a token named an unknown `kid`, unless keys were fetched recently. Returns the

@@ -153,7 +153,8 @@ impl Realm {
         Ok(v)
     }
 
-    async fn verify_uncached(&self, token: &str) -> Result<Verified, AuthError> {
+    /// Verifies a token without the cache of verified tokens.
+    pub(crate) async fn verify_uncached(&self, token: &str) -> Result<Verified, AuthError> {
         let claims: Claims = self.verify_jwt(token, |_| {}).await?;
         if self.config().require_typ_bearer && claims.typ.as_deref() != Some("Bearer") {
             return Err(AuthError::Invalid(

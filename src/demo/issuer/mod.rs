@@ -166,10 +166,14 @@ impl DevIssuer {
     }
 
     /// Takes the key `kid` out of the published key set: the JWKS no longer lists it and the realm no longer accepts
-    /// tokens signed with it. The realm keeps signing its own tokens with `fixture-rs256-a`: withdrawing that key
-    /// makes them unverifiable, as tokens of a withdrawn key are.
+    /// tokens signed with it. Withdrawing the signing key `fixture-rs256-a` makes the realm sign new tokens with
+    /// `fixture-rs256-b` (publish it first with [`DevIssuer::rotate_keys`]); the tokens it signed before are
+    /// unverifiable from then on.
     pub fn withdraw_key(&self, kid: &str) {
         lock(&self.withdrawn).insert(kid.to_owned());
+        if kid == tokens::SIGNING_KID {
+            self.keys.sign_with_rotated_key();
+        }
     }
 
     /// The JWKS as published now: the initial or the rotated set, without the withdrawn keys.

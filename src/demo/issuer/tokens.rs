@@ -1,12 +1,14 @@
 //! The realm's keys, the claims of the tokens it issues (as Keycloak issues them), and the verification of its
 //! own tokens for introspection, userinfo and logout.
 //!
-//! Access and ID tokens are signed with the fixture RS256 key `fixture-rs256-a`; the realm recognizes any key of
+//! Access and ID tokens are signed with the fixture RS256 key `fixture-rs256-a`, or `fixture-rs256-b` once `a` is
+//! withdrawn (Keycloak signs with its active key); the realm recognizes any key of
 //! its currently published JWKS (so rotating to `jwks-rotated.json` makes `fixture-rs256-b` tokens its own, as a
 //! Keycloak realm trusts all its active keys). Refresh tokens are HS256 JWTs with a fixed fixture secret: only the
 //! realm reads them, clients treat them as opaque.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -21,6 +23,8 @@ use super::IssuerError;
 
 const SIGNING_KEY: &str = include_str!("../../../fixtures/keys/rs256-a.pem");
 pub(super) const SIGNING_KID: &str = "fixture-rs256-a";
+const ROTATED_SIGNING_KEY: &str = include_str!("../../../fixtures/keys/rs256-b.pem");
+const ROTATED_SIGNING_KID: &str = "fixture-rs256-b";
 pub(super) const JWKS: &str = include_str!("../../../fixtures/keys/jwks.json");
 pub(super) const JWKS_ROTATED: &str = include_str!("../../../fixtures/keys/jwks-rotated.json");
 /// The refresh tokens' HMAC secret: a public fixture, like the keys.
@@ -31,6 +35,9 @@ pub(super) const BACKCHANNEL_EVENT: &str = "http://schemas.openid.net/event/back
 
 pub(super) struct Keys {
     signing: EncodingKey,
+    /// `fixture-rs256-b`, which signs once `fixture-rs256-a` is withdrawn.
+    rotated_signing: EncodingKey,
+    signs_rotated: AtomicBool,
     /// The signing key's public JWK, for `at_hash`.
     signing_jwk: CoreJsonWebKey,
     refresh_enc: EncodingKey,
@@ -44,6 +51,8 @@ impl Keys {
     pub fn load() -> Result<Keys, IssuerError> {
         Ok(Keys {
             signing: EncodingKey::from_rsa_pem(SIGNING_KEY.as_bytes())?,
+            rotated_signing: EncodingKey::from_rsa_pem(ROTATED_SIGNING_KEY.as_bytes())?,
+            signs_rotated: AtomicBool::new(false),
             signing_jwk: signing_jwk()?,
             refresh_enc: EncodingKey::from_secret(REFRESH_SECRET),
             refresh_dec: DecodingKey::from_secret(REFRESH_SECRET),
@@ -66,10 +75,21 @@ impl Keys {
 
     /// Signs claims with the realm key; `typ` is the header's (`JWT` for tokens, `logout+jwt` for logout tokens).
     pub fn sign(&self, claims: &Value, typ: &str) -> Result<String, jsonwebtoken::errors::Error> {
+        let rotated = self.signs_rotated.load(Ordering::SeqCst);
+        let (kid, key) = if rotated {
+            (ROTATED_SIGNING_KID, &self.rotated_signing)
+        } else {
+            (SIGNING_KID, &self.signing)
+        };
         let mut h = Header::new(Algorithm::RS256);
-        h.kid = Some(SIGNING_KID.into());
+        h.kid = Some(kid.into());
         h.typ = Some(typ.into());
-        jsonwebtoken::encode(&h, claims, &self.signing)
+        jsonwebtoken::encode(&h, claims, key)
+    }
+
+    /// From now on, tokens are signed with `fixture-rs256-b` (the signing key was withdrawn).
+    pub fn sign_with_rotated_key(&self) {
+        self.signs_rotated.store(true, Ordering::SeqCst);
     }
 
     pub fn sign_refresh(&self, claims: &Value) -> Result<String, jsonwebtoken::errors::Error> {
