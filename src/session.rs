@@ -742,11 +742,7 @@ async fn watch_expiry(session: Weak<Session>, mut token: watch::Receiver<Option<
         if now >= exp {
             if let Some(s) = session.upgrade() {
                 tracing::info!(user = %s.user.id, "session token expired without renewal");
-                s.broadcast(
-                    "error",
-                    &json!({"message": "Your session's access token expired.", "authExpired": true}),
-                );
-                s.close_all(close_codes::TOKEN_EXPIRED, "token expired");
+                s.end_for_token("Your session's access token expired.", "token expired");
                 if let (Some(custody), Some(src)) = (&s.app.custody, &current.source) {
                     custody.store().remove(src).await;
                 }
@@ -794,11 +790,17 @@ impl Session {
             }
         }
         tracing::info!(user = %self.user.id, why, "session token no longer verifies");
-        self.broadcast(
-            "error",
-            &json!({"message": format!("Your access token is no longer valid ({why})."), "authExpired": true}),
+        self.end_for_token(
+            &format!("Your access token is no longer valid ({why})."),
+            "token no longer valid",
         );
-        self.close_all(close_codes::TOKEN_EXPIRED, "token no longer valid");
+    }
+
+    /// The session's token is unusable and could not be renewed: every tab is told (`error {authExpired}`) and
+    /// closed with 4002, so that clients get a new token and reconnect.
+    fn end_for_token(&self, message: &str, reason: &str) {
+        self.broadcast("error", &json!({"message": message, "authExpired": true}));
+        self.close_all(close_codes::TOKEN_EXPIRED, reason);
     }
 
     /// Refreshes the session's token through one of its browser sessions. A browser session whose refresh token

@@ -213,10 +213,7 @@ impl Tabhub {
         shape: &Shape,
         extra: &str,
     ) -> Result<Tabhub, String> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| format!("free port: {e}"))?
-            .port();
+        let port = free_port()?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let si = shape.short_interval_ms;
         let inner_timeout = (si * 8 / 10).clamp(1, 4_000);
@@ -328,10 +325,7 @@ pub struct Redis {
 
 impl Redis {
     pub async fn start() -> Result<Redis, String> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| format!("free port: {e}"))?
-            .port();
+        let port = free_port()?;
         let mut cmd = procs::child(Path::new("redis-server"));
         cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
@@ -367,6 +361,14 @@ impl Redis {
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
     }
+}
+
+/// A loopback port free now (the child binds it a moment later).
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("free port: {e}"))
 }
 
 pub fn self_exe() -> Result<PathBuf, String> {

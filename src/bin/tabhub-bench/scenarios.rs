@@ -974,16 +974,8 @@ impl Bench {
         .await?;
         let cpu = self.cpu_secs() - cpu0;
         let hs = handshakes(&rs);
-        let drop_ns = rs
-            .iter()
-            .filter_map(|r| r["drop_ns"].as_u64())
-            .min()
-            .unwrap_or(0);
-        let ready_ns = rs
-            .iter()
-            .filter_map(|r| r["last_ready_ns"].as_u64())
-            .max()
-            .unwrap_or(0);
+        let drop_ns = earliest(&rs, "drop_ns");
+        let ready_ns = latest(&rs, "last_ready_ns");
         let secs = ready_ns.saturating_sub(drop_ns) as f64 / 1e9;
         let ok = hs["ok"].as_u64().unwrap_or(0);
         let tabs = self.shape.tabs();
@@ -1072,6 +1064,15 @@ fn published(rs: &[Value]) -> (u64, serde_json::Map<String, Value>) {
     (total, scopes)
 }
 
+/// The smallest and the largest `key` (a time in ns) over the workers' answers; 0 when none has it.
+fn earliest(rs: &[Value], key: &str) -> u64 {
+    rs.iter().filter_map(|r| r[key].as_u64()).min().unwrap_or(0)
+}
+
+fn latest(rs: &[Value], key: &str) -> u64 {
+    rs.iter().filter_map(|r| r[key].as_u64()).max().unwrap_or(0)
+}
+
 fn samples(v: &Value) -> impl Iterator<Item = u32> + '_ {
     v.as_array()
         .into_iter()
@@ -1083,16 +1084,8 @@ fn samples(v: &Value) -> impl Iterator<Item = u32> + '_ {
 /// the first start to the last `init`), handshake times.
 fn handshakes(rs: &[Value]) -> Value {
     let sum = |k: &str| rs.iter().map(|r| r[k].as_u64().unwrap_or(0)).sum::<u64>();
-    let start = rs
-        .iter()
-        .filter_map(|r| r["start_ns"].as_u64())
-        .min()
-        .unwrap_or(0);
-    let end = rs
-        .iter()
-        .filter_map(|r| r["last_init_ns"].as_u64())
-        .max()
-        .unwrap_or(0);
+    let start = earliest(rs, "start_ns");
+    let end = latest(rs, "last_init_ns");
     let ok = sum("ok");
     let span = end.saturating_sub(start) as f64 / 1e9;
     let mut times: Vec<u32> = rs
