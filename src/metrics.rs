@@ -105,6 +105,10 @@ pub struct Metrics {
     pub messages_delivered: Counter,
     pub messages_dropped: Counter,
     pub idle_drops: Counter,
+    /// Tabs closed as slow consumers (4009), by reason: `queue_full` (the outbound queue overflowed) or
+    /// `write_timeout` (one write blocked past `websocket.write_timeout_ms`). Which comes first depends on the
+    /// kernel's socket buffers; both are a peer that does not read.
+    pub slow_consumers: Family,
     pub token_refreshes: Family,
     /// 1 while the Redis broker listens, 0 while it reconnects (absent meaning: memory broker).
     pub broker_up: Gauge,
@@ -228,6 +232,17 @@ impl Metrics {
             "tabhub_idle_drops_total",
             "Tabs dropped for not answering pings.",
             self.idle_drops.get(),
+        );
+        for reason in ["queue_full", "write_timeout"] {
+            // Both reasons show from the start, at 0, so alerts see the series before the first close.
+            self.slow_consumers.add(&[reason], 0.0);
+        }
+        self.slow_consumers.render(
+            &mut out,
+            "tabhub_slow_consumers_total",
+            "Tabs closed with 4009 because they did not read: queue_full or write_timeout.",
+            "counter",
+            &["reason"],
         );
         let depth = self.messages_queued.get() as i64 - self.messages_delivered.get() as i64;
         gauge(

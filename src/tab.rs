@@ -91,7 +91,7 @@ impl Tab {
         if total > self.max_bytes || self.queue.try_send(msg).is_err() {
             self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
             self.metrics.messages_dropped.inc();
-            self.close(close_codes::SLOW_CONSUMER, "outbound queue full");
+            self.close_slow("queue_full", "outbound queue full");
             return false;
         }
         self.metrics.messages_queued.inc();
@@ -108,6 +108,14 @@ impl Tab {
             self.closed.notify_waiters();
             self.closed.notify_one();
         }
+    }
+
+    /// Closes a tab that does not read, counting why. Only the first close of a tab is counted.
+    fn close_slow(&self, reason: &'static str, message: &str) {
+        if !self.is_closed() {
+            self.metrics.slow_consumers.inc(&[reason]);
+        }
+        self.close(close_codes::SLOW_CONSUMER, message);
     }
 
     pub fn is_closed(&self) -> bool {
@@ -178,9 +186,16 @@ where
             _ = tab.closed() => break,
             msg = outbox.queue.recv() => {
                 let Some(msg) = msg else { break };
-                if !write_batch(&tab, &mut outbox, &mut sink, msg, wt).await {
-                    tab.close(close_codes::NORMAL, "");
-                    return;
+                match write_batch(&tab, &mut outbox, &mut sink, msg, wt).await {
+                    Written::Done => {}
+                    Written::Failed => {
+                        tab.close(close_codes::NORMAL, "");
+                        return;
+                    }
+                    Written::Blocked => {
+                        tab.close_slow("write_timeout", "write blocked");
+                        return;
+                    }
                 }
             }
             _ = ping.tick() => {
@@ -189,10 +204,16 @@ where
                     tab.close(close_codes::NORMAL, "");
                     return;
                 }
-                let sent = tokio::time::timeout(wt, sink.send(Message::Ping(Default::default()))).await;
-                if !matches!(sent, Ok(Ok(()))) {
-                    tab.close(close_codes::NORMAL, "");
-                    return;
+                match tokio::time::timeout(wt, sink.send(Message::Ping(Default::default()))).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => {
+                        tab.close(close_codes::NORMAL, "");
+                        return;
+                    }
+                    Err(_) => {
+                        tab.close_slow("write_timeout", "write blocked");
+                        return;
+                    }
                 }
             }
         }
@@ -214,14 +235,23 @@ where
     let _ = tokio::time::timeout(wt, sink.close()).await;
 }
 
-/// Writes `first` and whatever else is queued, then flushes once. False when the socket failed or blocked.
+/// How a batch of writes ended.
+enum Written {
+    Done,
+    /// The socket failed: the peer is gone.
+    Failed,
+    /// The write did not complete within the write timeout: the peer does not read (a slow consumer).
+    Blocked,
+}
+
+/// Writes `first` and whatever else is queued, then flushes once.
 async fn write_batch<S>(
     tab: &Tab,
     outbox: &mut Outbox,
     sink: &mut S,
     first: Utf8Bytes,
     wt: Duration,
-) -> bool
+) -> Written
 where
     S: Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
 {
@@ -244,5 +274,9 @@ where
     };
     // No select on `closed` here: a close requested meanwhile is sent after this batch. A peer that does not read
     // blocks the write until the timeout, and is then dropped.
-    matches!(tokio::time::timeout(wt, work).await, Ok(Ok(())))
+    match tokio::time::timeout(wt, work).await {
+        Ok(Ok(())) => Written::Done,
+        Ok(Err(_)) => Written::Failed,
+        Err(_) => Written::Blocked,
+    }
 }
