@@ -1,108 +1,99 @@
-//! The application state shared by every request, tab and session.
+//! The application: a container built last, seen only by the HTTP layer (handshake, connection, publish API,
+//! custody routes). Below it nothing holds the app: the hub and sessions hold [`Services`], the broker holds the
+//! [`BatchHandler`](crate::publish::broker::BatchHandler) registered here.
 
+use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use serde_json::{Map, Value};
 use tabhub_commands::Registry;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::auth::Realm;
-use crate::backends::Backends;
 use crate::config::Config;
-use crate::custody::Custody;
 use crate::hub::Hub;
-use crate::metrics::Metrics;
+use crate::publish::broker::Broker;
+use crate::publish::deliver::Delivery;
+use crate::rate::PerAddress;
+use crate::services::{Services, StartError};
 
 pub struct App {
-    pub config: Config,
+    pub services: Arc<Services>,
+    pub hub: Arc<Hub>,
     pub registry: Registry,
-    pub realm: Arc<Realm>,
-    pub hub: Hub,
-    pub backends: Backends,
-    /// Token custody (login, server-side tokens), when enabled.
-    pub custody: Option<Arc<Custody>>,
-    /// The HTTP client of upstream SSE streams (see [`crate::upstream`]).
-    pub upstream: reqwest::Client,
-    /// The `[commands]` table as JSON, handed to commands.
-    pub settings: Map<String, Value>,
-    /// Shown in `init`; distinguishes instances behind a load balancer.
-    pub instance: String,
-    pub metrics: Arc<Metrics>,
-    /// Publish-only channels: who holds them, their replay buffers.
-    pub channels: crate::publish::channels::Channels,
     /// How published messages reach every instance.
-    pub broker: crate::publish::broker::Broker,
+    pub broker: Broker,
     /// Upgrade rate per client address.
-    pub upgrades: crate::rate::PerAddress,
+    pub upgrades: PerAddress,
+    /// Every connection task: the drain waits for them (their writers send the 1012 close frames).
+    pub tasks: TaskTracker,
+    /// Cancelled when the server stops: background tasks (broker listener, key-withdrawal rechecks) end.
+    pub stop: CancellationToken,
     /// Open tabs, reserved before joining so that `limits.max_connections` holds under concurrency.
     open_tabs: AtomicUsize,
     next_tab: AtomicU64,
     draining: AtomicBool,
 }
 
+/// The HTTP layer reads configuration, metrics, realm and custody through the app as through the services.
+impl Deref for App {
+    type Target = Services;
+    fn deref(&self) -> &Services {
+        &self.services
+    }
+}
+
 impl App {
-    pub fn new(config: Config, registry: Registry) -> Arc<App> {
-        crate::auth::crypto::install();
-        let metrics = Arc::new(Metrics::default());
+    /// Builds the services, the hub and the broker; checks the commands' settings. Fails naming what is wrong.
+    pub fn new(config: Config, registry: Registry) -> Result<Arc<App>, StartError> {
+        let mut registry = registry;
         let settings = match serde_json::to_value(&config.commands) {
-            Ok(Value::Object(m)) => m,
-            _ => Map::new(),
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
         };
-        let instance = if config.instance_id.is_empty() {
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_owned())
-                .unwrap_or_else(|_| "tabhub".into());
-            format!("{host}-{}", std::process::id())
-        } else {
-            config.instance_id.clone()
-        };
-        let realm = Realm::new(config.auth.clone());
-        let custody = config
-            .custody
-            .enabled
-            .then(|| Arc::new(Custody::new(&config, realm.clone(), metrics.clone())));
-        Arc::new(App {
-            realm,
-            custody,
-            backends: Backends::new(&config, metrics.clone()),
-            upstream: crate::upstream::client(&config.gitlab),
-            hub: Hub::default(),
-            registry,
-            settings,
-            instance,
-            metrics,
-            channels: Default::default(),
-            broker: crate::publish::broker::Broker::new(&config.broker),
-            upgrades: crate::rate::PerAddress::new(
-                config.limits.upgrades_per_second_per_address,
-                config.limits.upgrades_burst,
+        registry
+            .configure(&settings)
+            .map_err(StartError::Commands)?;
+        let services = Services::new(config)?;
+        let hub = Hub::new(services.clone());
+        let delivery = Arc::new(Delivery {
+            hub: hub.clone(),
+            services: services.clone(),
+        });
+        let broker = Broker::new(&services.config.broker, delivery, services.metrics.clone());
+        let limits = &services.config.limits;
+        Ok(Arc::new(App {
+            upgrades: PerAddress::new(
+                limits.upgrades_per_second_per_address,
+                limits.upgrades_burst,
             ),
+            hub,
+            registry,
+            broker,
+            tasks: TaskTracker::new(),
+            stop: CancellationToken::new(),
             open_tabs: AtomicUsize::new(0),
             next_tab: AtomicU64::new(1),
             draining: AtomicBool::new(false),
-            config,
-        })
+            services,
+        }))
     }
 
     pub fn next_tab_id(&self) -> u64 {
         self.next_tab.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Reserves a place for a tab under `limits.max_connections`.
-    pub fn reserve_tab(&self) -> bool {
+    /// Reserves a place for a tab under `limits.max_connections`; the place is released when the returned guard
+    /// drops, however the tab's task ends.
+    pub fn reserve_tab(self: &Arc<Self>) -> Option<TabSlot> {
         let max = self.config.limits.max_connections;
         let reserved = self.open_tabs.fetch_add(1, Ordering::AcqRel) + 1;
         if max > 0 && reserved > max {
             self.open_tabs.fetch_sub(1, Ordering::AcqRel);
-            return false;
+            return None;
         }
         self.metrics.tabs.inc();
-        true
-    }
-
-    pub fn release_tab(&self) {
-        self.open_tabs.fetch_sub(1, Ordering::AcqRel);
-        self.metrics.tabs.dec();
+        Some(TabSlot(self.clone()))
     }
 
     pub fn is_draining(&self) -> bool {
@@ -111,5 +102,15 @@ impl App {
 
     pub fn set_draining(&self) {
         self.draining.store(true, Ordering::Release);
+    }
+}
+
+/// A place under `limits.max_connections`, held while the tab is open.
+pub struct TabSlot(Arc<App>);
+
+impl Drop for TabSlot {
+    fn drop(&mut self) {
+        self.0.open_tabs.fetch_sub(1, Ordering::AcqRel);
+        self.0.metrics.tabs.dec();
     }
 }

@@ -15,10 +15,16 @@ use tokio::time::Instant;
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::session::Session;
 
 /// Largest backend body read (a larger one is an error, not an unbounded allocation).
 const MAX_BODY: usize = 8 * 1024 * 1024;
+
+/// Where a call as the user gets its bearer token: the session implements it. Asked again after a 401, so that a
+/// token renewed meanwhile is used at once.
+pub trait TokenSource: Send + Sync {
+    /// The newest token that has not expired, if any.
+    fn bearer(&self) -> Option<Arc<str>>;
+}
 
 struct BackendState {
     backoff: Backoff,
@@ -36,14 +42,13 @@ pub struct Backends {
 }
 
 impl Backends {
-    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Backends {
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Result<Backends, reqwest::Error> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_millis(config.backend.timeout_ms))
             .pool_max_idle_per_host(config.backend.pool_max_idle_per_host)
             .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap_or_default();
-        Backends {
+            .build()?;
+        Ok(Backends {
             http,
             bases: config.backends.clone(),
             state: Mutex::new(HashMap::new()),
@@ -54,7 +59,7 @@ impl Backends {
                 .time_to_live(Duration::from_millis(config.session.long_interval_ms))
                 .build(),
             metrics,
-        }
+        })
     }
 
     /// The shared HTTP client (keep-alive pool).
@@ -67,7 +72,7 @@ impl Backends {
         &self,
         backend: &str,
         path: &str,
-        session: &Session,
+        tokens: &dyn TokenSource,
     ) -> Result<BackendResponse, BackendError> {
         let base = self
             .bases
@@ -75,15 +80,15 @@ impl Backends {
             .ok_or_else(|| BackendError::Unconfigured(backend.to_owned()))?;
         self.check_backoff(backend)?;
         let url = format!("{}{}", base.trim_end_matches('/'), path);
-        let mut token = session.valid_token().ok_or(BackendError::NoToken)?;
+        let mut token = tokens.bearer().ok_or(BackendError::NoToken)?;
         let mut retried = false;
         loop {
-            let result = self.fetch(&url, Some(&token.token)).await;
+            let result = self.fetch(&url, Some(&token)).await;
             self.record(backend, &result);
             match result {
                 Ok(r) if r.status == 401 => {
-                    let newest = session.valid_token().ok_or(BackendError::NoToken)?;
-                    if retried || newest.token == token.token {
+                    let newest = tokens.bearer().ok_or(BackendError::NoToken)?;
+                    if retried || newest == token {
                         return Err(BackendError::Unauthorized);
                     }
                     retried = true;

@@ -150,6 +150,15 @@ impl Default for PublishConfig {
     }
 }
 
+impl PublishConfig {
+    /// Whether `channel` is under a publish namespace: the one rule for both `subscribe` and the publish API.
+    pub fn allows_channel(&self, channel: &str) -> bool {
+        self.namespaces
+            .iter()
+            .any(|n| channel.starts_with(n.as_str()))
+    }
+}
+
 /// How published messages reach every instance.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -525,7 +534,7 @@ impl Config {
             ));
         }
         for alg in &a.algorithms {
-            crate::auth::parse_algorithm(alg)
+            crate::auth::algorithm::parse_algorithm(alg)
                 .map_err(|m| key_error("auth.algorithms", format!("{alg}: {m}")))?;
         }
         if a.algorithms.is_empty() {

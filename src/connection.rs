@@ -13,7 +13,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 use tracing::Instrument;
 
-use crate::app::App;
+use crate::app::{App, TabSlot};
 use crate::auth::{AuthError, Verified};
 use crate::close_codes;
 use crate::context::TabContext;
@@ -55,7 +55,16 @@ pub async fn run<S>(
             return;
         }
     };
-    tab.send(protocol::encode(
+    // Refused tabs get their error and close code, never `init` first.
+    let Some(slot) = app.reserve_tab() else {
+        let data =
+            json!({"message": "The server is at capacity; retry later.", "overloaded": true});
+        tab.send(protocol::encode("error", &data, None));
+        tab.close(close_codes::TRY_AGAIN_LATER, "overloaded");
+        finish(&app, &tab, writer).await;
+        return;
+    };
+    let greeting = protocol::encode(
         "init",
         &json!({
             "message": "Connection established.",
@@ -63,30 +72,24 @@ pub async fn run<S>(
             "instance": app.instance,
         }),
         None,
-    ));
-    if !app.reserve_tab() {
-        tab.send(protocol::encode(
-            "error",
-            &json!({"message": "The server is at capacity; retry later.", "overloaded": true}),
-            None,
-        ));
-        tab.close(close_codes::TRY_AGAIN_LATER, "overloaded");
-        finish(&app, &tab, writer).await;
-        return;
-    }
-    let session = match app.hub.join(&app, &verified, &tab) {
+    );
+    let session = match app.hub.join(&verified, &tab, greeting) {
         Ok(s) => s,
         Err(AttachError::TooManyTabs | AttachError::Stopped) => {
-            tab.send(protocol::encode(
-                "error",
-                &json!({"message": "Too many open tabs for this user.", "tooManyTabs": true}),
-                None,
-            ));
+            let data = json!({"message": "Too many open tabs for this user.", "tooManyTabs": true});
+            tab.send(protocol::encode("error", &data, None));
             tab.close(close_codes::TOO_MANY_TABS, "too many tabs");
-            app.release_tab();
+            drop(slot);
             finish(&app, &tab, writer).await;
             return;
         }
+    };
+    // From here on the tab leaves its session however this task ends, a panic included.
+    let membership = Membership {
+        app: app.clone(),
+        session: session.clone(),
+        tab: tab.clone(),
+        _slot: slot,
     };
     let span = tracing::info_span!(parent: &session.span, "tab", tab = tab.id);
     tracing::debug!(parent: &span, %peer, "tab joined");
@@ -95,11 +98,25 @@ pub async fn run<S>(
         .instrument(span.clone())
         .await;
 
-    tab.close(close_codes::NORMAL, "");
-    app.hub.leave(&app, &session, tab.id);
-    app.release_tab();
+    drop(membership);
     finish(&app, &tab, writer).await;
     tracing::debug!(parent: &span, "tab left");
+}
+
+/// A tab's place in its session and under `limits.max_connections`: dropping it closes the tab, leaves the
+/// session and frees the place.
+struct Membership {
+    app: Arc<App>,
+    session: Arc<Session>,
+    tab: Arc<Tab>,
+    _slot: TabSlot,
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.tab.close(close_codes::NORMAL, "");
+        self.app.hub.leave(&self.session, self.tab.id);
+    }
 }
 
 /// Tells a tab why its credential was refused, then closes it with the matching code.

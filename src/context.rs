@@ -1,116 +1,62 @@
-//! The engine's side of the command interface: [`TabContext`] for handlers, [`LoopCtx`] for loop functions.
+//! The engine's side of the command interface: [`TabContext`], what a handler sees of the tab that sent the
+//! message and of the user's session. Loop functions see the session itself (it implements
+//! [`LoopContext`](tabhub_commands::LoopContext)).
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use tabhub_commands::{
     BackendError, BackendResponse, BoxFuture, CommandError, Context, LoopContext, LoopFunction,
     Notification, SessionData, Topic, User,
 };
 
-use crate::app::App;
+use crate::clock::now_unix;
 use crate::protocol;
-use crate::session::Session;
+use crate::services::Services;
+use crate::session::{Session, SubscribeReply};
 use crate::tab::Tab;
 
-/// A loop function's context: the session, for one iteration. A handler's [`TabContext`] holds one too, so the two
-/// contexts share this single implementation of [`LoopContext`].
-pub struct LoopCtx {
-    session: Arc<Session>,
-}
-
-impl LoopCtx {
-    pub fn new(session: Arc<Session>) -> Self {
-        LoopCtx { session }
-    }
-}
-
-impl LoopContext for LoopCtx {
-    fn user(&self) -> &User {
-        &self.session.user
-    }
-    fn settings(&self) -> &Map<String, Value> {
-        &self.session.app().settings
-    }
-    fn session_data(&self) -> &SessionData {
-        self.session.data()
-    }
-    fn backend_get<'a>(
-        &'a self,
-        backend: &'a str,
-        path: &'a str,
-    ) -> BoxFuture<'a, Result<BackendResponse, BackendError>> {
-        Box::pin(
-            self.session
-                .app()
-                .backends
-                .get_as_user(backend, path, &self.session),
-        )
-    }
-    fn shared_get<'a>(
-        &'a self,
-        url: &'a str,
-    ) -> BoxFuture<'a, Result<BackendResponse, BackendError>> {
-        Box::pin(self.session.app().backends.shared_get(url))
-    }
-}
-
-/// A handler's context: the tab that sent the message, the message's `id`, and its session as a [`LoopCtx`].
 pub struct TabContext<'a> {
-    loop_ctx: LoopCtx,
+    session: &'a Arc<Session>,
     tab: &'a Arc<Tab>,
     id: Option<&'a Value>,
 }
 
 impl<'a> TabContext<'a> {
-    pub fn new(session: &Arc<Session>, tab: &'a Arc<Tab>, id: Option<&'a Value>) -> Self {
-        TabContext {
-            loop_ctx: LoopCtx::new(session.clone()),
-            tab,
-            id,
-        }
+    pub fn new(session: &'a Arc<Session>, tab: &'a Arc<Tab>, id: Option<&'a Value>) -> Self {
+        TabContext { session, tab, id }
     }
 
-    fn session(&self) -> &Arc<Session> {
-        &self.loop_ctx.session
-    }
-
-    fn app(&self) -> &Arc<App> {
-        self.session().app()
+    fn services(&self) -> &Services {
+        self.session.services()
     }
 }
 
-/// Everything a loop function may do, a handler does through its [`LoopCtx`]. `Context: LoopContext` needs this impl
-/// on the type itself: a blanket impl over `Deref` could only live in the commands crate.
 impl LoopContext for TabContext<'_> {
     fn user(&self) -> &User {
-        self.loop_ctx.user()
-    }
-    fn settings(&self) -> &Map<String, Value> {
-        self.loop_ctx.settings()
+        self.session.user()
     }
     fn session_data(&self) -> &SessionData {
-        self.loop_ctx.session_data()
+        self.session.session_data()
     }
     fn backend_get<'a>(
         &'a self,
         backend: &'a str,
         path: &'a str,
     ) -> BoxFuture<'a, Result<BackendResponse, BackendError>> {
-        self.loop_ctx.backend_get(backend, path)
+        self.session.backend_get(backend, path)
     }
     fn shared_get<'a>(
         &'a self,
         url: &'a str,
     ) -> BoxFuture<'a, Result<BackendResponse, BackendError>> {
-        self.loop_ctx.shared_get(url)
+        self.session.shared_get(url)
     }
 }
 
 impl Context for TabContext<'_> {
     fn instance(&self) -> &str {
-        &self.app().instance
+        &self.services().instance
     }
 
     fn reply(&self, kind: &str, data: Value) {
@@ -118,46 +64,42 @@ impl Context for TabContext<'_> {
     }
 
     fn notify_user(&self, kind: &str, data: Value) {
-        self.session().broadcast(kind, &data);
+        self.session.broadcast(kind, &data);
     }
 
     fn register_loop(&self, function: LoopFunction) -> bool {
-        self.session().register_loop(function)
+        self.session.register_loop(function)
     }
 
     fn snapshot(&self, function: &str) -> Option<Vec<Notification>> {
-        self.session().snapshot(function)
+        self.session.snapshot(function)
     }
 
     fn run_loop_now(&self, function: &str) {
-        self.session().run_loop_now(function);
+        self.session.run_loop_now(function);
     }
 
     fn set_hidden(&self, hidden: bool) {
-        self.session().set_hidden(self.tab, hidden);
+        self.session.set_hidden(self.tab, hidden);
     }
 
     fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Value, CommandError>> {
         Box::pin(async move {
             let verified = self
-                .app()
+                .services()
                 .realm
                 .verify(token)
                 .await
                 .map_err(|e| CommandError::failed(e.to_string()))?;
-            if verified.user.id != self.session().user.id {
+            if verified.user.id != self.session.user.id {
                 return Err(CommandError::failed(
                     "the token belongs to another user; open a new connection to switch users",
                 ));
             }
-            self.session().offer_token(&verified);
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs();
+            self.session.offer_token(&verified);
             Ok(json!({
                 "message": "Token accepted.",
-                "expiresIn": verified.exp.saturating_sub(now),
+                "expiresIn": verified.exp.saturating_sub(now_unix()),
             }))
         })
     }
@@ -166,47 +108,44 @@ impl Context for TabContext<'_> {
         &self,
         topic: &Topic,
         last_event_id: Option<&str>,
-        ack: &(dyn Fn(bool) -> Option<Notification> + Sync),
+        reply: Option<Notification>,
     ) -> Result<bool, CommandError> {
-        let ack =
-            |added| ack(added).map(|n: Notification| protocol::encode(&n.kind, &n.data, self.id));
+        let reply = reply.map(|note| SubscribeReply { note, id: self.id });
+        let services = self.services();
+        let refused = |why: String| CommandError::failed(format!("{topic}: {why}"));
         if let Topic::Channel(name) = topic {
-            let publish = &self.app().config.publish;
-            if !publish
-                .namespaces
-                .iter()
-                .any(|n| name.starts_with(n.as_str()))
-            {
-                return Err(CommandError::failed(format!(
-                    "{topic}: not a project topic nor in a publish namespace ({})",
+            let publish = &services.config.publish;
+            if !publish.allows_channel(name) {
+                return Err(refused(format!(
+                    "not a project topic nor in a publish namespace ({})",
                     publish.namespaces.join(", ")
                 )));
             }
-            let buffer = self
-                .app()
-                .channels
-                .buffer(name, publish.max_buffered_topics);
-            let guard = buffer.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(buffer) = services.channels.buffer(name) else {
+                return Err(refused(
+                    "too many publish channels on this server (publish.max_buffered_topics)".into(),
+                ));
+            };
             return self
-                .session()
-                .subscribe_channel(self.tab, topic, last_event_id, ack, &guard)
-                .map_err(|e| CommandError::failed(format!("{topic}: {e}")));
+                .session
+                .subscribe_channel(self.tab, topic, last_event_id, reply, &buffer)
+                .map_err(|e| refused(e.to_string()));
         }
-        if self.app().config.gitlab.url.is_empty() {
-            return Err(CommandError::failed(format!(
-                "{topic}: subscriptions are not configured on this server (gitlab.url)"
-            )));
+        if services.config.gitlab.url.is_empty() {
+            return Err(refused(
+                "subscriptions are not configured on this server (gitlab.url)".into(),
+            ));
         }
-        self.session()
-            .subscribe(self.tab, topic, last_event_id, ack)
-            .map_err(|e| CommandError::failed(format!("{topic}: {e}")))
+        self.session
+            .subscribe(self.tab, topic, last_event_id, reply)
+            .map_err(|e| refused(e.to_string()))
     }
 
     fn unsubscribe(&self, topic: &Topic) -> bool {
-        self.session().unsubscribe(self.tab, topic)
+        self.session.unsubscribe(self.tab, topic)
     }
 
     fn subscriptions(&self) -> Vec<Topic> {
-        self.session().topics_of(self.tab)
+        self.session.topics_of(self.tab)
     }
 }

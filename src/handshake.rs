@@ -182,7 +182,8 @@ pub async fn upgrade(
         .max_write_buffer_size(w.outbound_queue_bytes.max(w.max_message_bytes) * 2)
         .max_message_size(Some(w.max_message_bytes))
         .max_frame_size(Some(w.max_message_bytes));
-    tokio::spawn(async move {
+    // Tracked, so that a drain waits for the writers to send their close frames.
+    app.tasks.clone().spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
                 let ws = WebSocketStream::from_raw_socket(

@@ -9,36 +9,46 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use crate::app::App;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
 use crate::auth::Verified;
 use crate::close_codes::CloseCode;
+use crate::services::Services;
 use crate::session::{AttachError, Session};
 use crate::tab::Tab;
 
-#[derive(Default)]
 pub struct Hub {
+    services: Arc<Services>,
     sessions: Mutex<HashMap<String, Arc<Session>>>,
 }
 
 impl Hub {
+    pub fn new(services: Arc<Services>) -> Arc<Hub> {
+        Arc::new(Hub {
+            services,
+            sessions: Mutex::default(),
+        })
+    }
+
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<Session>>> {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Attaches `tab` to its user's session, creating the session if needed.
+    /// Attaches `tab` to its user's session, creating the session if needed. `greeting` is queued to the tab
+    /// first, before the loops' snapshots, and only when it joins.
     pub fn join(
         &self,
-        app: &Arc<App>,
         token: &Verified,
         tab: &Arc<Tab>,
+        greeting: Utf8Bytes,
     ) -> Result<Arc<Session>, AttachError> {
         let mut map = self.lock();
         loop {
             let session = map
                 .entry(token.user.id.clone())
-                .or_insert_with(|| Session::new(app.clone(), token.user.clone()))
+                .or_insert_with(|| Session::new(self.services.clone(), token.user.clone()))
                 .clone();
-            match session.attach(tab, token) {
+            match session.attach(tab, token, &greeting) {
                 Ok(()) => return Ok(session),
                 Err(AttachError::Stopped) => {
                     map.remove(&token.user.id);
@@ -49,15 +59,15 @@ impl Hub {
     }
 
     /// Detaches a tab; the last one starts the linger timer.
-    pub fn leave(&self, app: &Arc<App>, session: &Arc<Session>, tab_id: u64) {
+    pub fn leave(self: &Arc<Self>, session: &Arc<Session>, tab_id: u64) {
         let Some(generation) = session.detach(tab_id) else {
             return;
         };
-        let linger = Duration::from_millis(app.config.session.linger_ms);
-        let (app, session) = (app.clone(), session.clone());
+        let linger = Duration::from_millis(self.services.config.session.linger_ms);
+        let (hub, session) = (self.clone(), session.clone());
         tokio::spawn(async move {
             tokio::time::sleep(linger).await;
-            let mut map = app.hub.lock();
+            let mut map = hub.lock();
             if session.try_stop(generation)
                 && map
                     .get(&session.user.id)
@@ -97,13 +107,13 @@ impl Hub {
 
 /// Each time the realm withdraws a signing key, every session re-checks its token ([`Session::recheck_token`]): a
 /// withdrawn key (a compromised one, say) must not keep connections served until their tokens expire. One
-/// signature check per session, one session at a time; ends with the server.
-pub async fn recheck_on_withdrawal(app: Weak<App>) {
-    let Some(mut changes) = app.upgrade().map(|a| a.realm.withdrawal_changes()) else {
+/// signature check per session, one session at a time; ends with the hub.
+pub async fn recheck_on_withdrawal(hub: Weak<Hub>) {
+    let Some(mut changes) = hub.upgrade().map(|h| h.services.realm.withdrawal_changes()) else {
         return;
     };
     while changes.changed().await.is_ok() {
-        let Some(sessions) = app.upgrade().map(|a| a.hub.all()) else {
+        let Some(sessions) = hub.upgrade().map(|h| h.all()) else {
             return;
         };
         for s in sessions {

@@ -110,8 +110,11 @@ pub struct Metrics {
     /// kernel's socket buffers; both are a peer that does not read.
     pub slow_consumers: Family,
     pub token_refreshes: Family,
-    /// 1 while the Redis broker listens, 0 while it reconnects (absent meaning: memory broker).
+    /// 1 while the Redis broker listens, 0 while it reconnects. Shown only with the Redis broker: the memory
+    /// broker is always up, and a constant 0 there would page someone.
     pub broker_up: Gauge,
+    /// Set when the broker is Redis.
+    pub broker_is_redis: std::sync::atomic::AtomicBool,
     pub published: Family,
     pub publish_requests: Family,
 }
@@ -258,12 +261,14 @@ impl Metrics {
             "counter",
             &["outcome"],
         );
-        gauge(
-            &mut out,
-            "tabhub_broker_up",
-            "1 while the Redis broker is subscribed, 0 while it reconnects.",
-            self.broker_up.get(),
-        );
+        if self.broker_is_redis.load(Ordering::Relaxed) {
+            gauge(
+                &mut out,
+                "tabhub_broker_up",
+                "1 while the Redis broker is subscribed, 0 while it reconnects.",
+                self.broker_up.get(),
+            );
+        }
         self.published.render(
             &mut out,
             "tabhub_published_messages_total",

@@ -44,6 +44,7 @@ impl Running {
         self.app
             .hub
             .stop_all(close_codes::SERVICE_RESTART, "server shutting down");
+        self.app.stop.cancel();
         let _ = self.stop.send(true);
         self.task.await.unwrap_or(Ok(()))
     }
@@ -73,11 +74,17 @@ impl Running {
         self.app
             .hub
             .stop_all(close_codes::SERVICE_RESTART, "server restarting");
+        self.app.stop.cancel();
         let _ = self.stop.send(true);
-        match tokio::time::timeout(grace, self.task).await {
-            Ok(r) => r.unwrap_or(Ok(())),
-            Err(_) => Ok(()),
-        }
+        // The listener, and every connection task (whose writer sends the tab's close frame), within the grace.
+        self.app.tasks.close();
+        let tasks = self.app.tasks.clone();
+        let all = async move {
+            let served = self.task.await.unwrap_or(Ok(()));
+            tasks.wait().await;
+            served
+        };
+        tokio::time::timeout(grace, all).await.unwrap_or(Ok(()))
     }
 
     /// Waits until the listener stops.
@@ -94,10 +101,17 @@ pub async fn start(
     extra: Router,
 ) -> std::io::Result<Running> {
     let addr = listener.local_addr()?;
-    let app = App::new(config, registry);
-    tokio::spawn(app.realm.clone().load_with_retry());
-    tokio::spawn(crate::hub::recheck_on_withdrawal(Arc::downgrade(&app)));
-    app.broker.start(Arc::downgrade(&app));
+    let app = App::new(config, registry).map_err(std::io::Error::other)?;
+    let stop = app.stop.clone();
+    let realm = app.realm.clone();
+    let hub = Arc::downgrade(&app.hub);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = async { tokio::join!(realm.load_with_retry(), crate::hub::recheck_on_withdrawal(hub)) } => {}
+        }
+    });
+    app.broker.start(app.stop.clone());
     let router = Router::new()
         .route("/ws", get(crate::handshake::upgrade))
         .route("/healthz", get(healthz))

@@ -35,8 +35,6 @@ pub enum Action {
         from: Option<String>,
         generation: u64,
     },
-    /// Close the project's stream.
-    Stop { project: String },
 }
 
 /// Why a subscription was refused.
@@ -113,8 +111,9 @@ impl Subscriptions {
             .unwrap_or_default()
     }
 
-    /// Open streams (projects).
-    pub fn projects(&self) -> impl Iterator<Item = &str> {
+    /// Open streams (projects), for tests.
+    #[cfg(test)]
+    fn projects(&self) -> impl Iterator<Item = &str> {
         self.streams.keys().map(String::as_str)
     }
 
@@ -303,18 +302,18 @@ impl Subscriptions {
         }
     }
 
-    /// Releases `tab`'s hold on `topic`.
-    pub fn unsubscribe(&mut self, tab: u64, topic: &Topic) -> (bool, Option<Action>) {
+    /// Releases `tab`'s hold on `topic`. Returns whether it held it, and whether that closed the project's stream.
+    pub fn unsubscribe(&mut self, tab: u64, topic: &Topic) -> (bool, bool) {
         let removed = self.by_tab.get_mut(&tab).is_some_and(|t| t.remove(topic));
         if self.by_tab.get(&tab).is_some_and(BTreeSet::is_empty) {
             self.by_tab.remove(&tab);
         }
         if !removed {
-            return (false, None);
+            return (false, false);
         }
         match topic.project_id() {
             Some(p) => (true, self.stop_if_unused(p)),
-            None => (true, None),
+            None => (true, false),
         }
     }
 
@@ -357,7 +356,7 @@ impl Subscriptions {
             })
             .map(|(p, _)| p.clone())
             .collect();
-        due.iter().filter_map(|p| self.stop_if_unused(p)).count()
+        due.iter().filter(|p| self.stop_if_unused(p)).count()
     }
 
     fn is_used(&self, project: &str) -> bool {
@@ -397,17 +396,18 @@ impl Subscriptions {
         holders
     }
 
-    fn stop_if_unused(&mut self, project: &str) -> Option<Action> {
+    /// Closes the project's stream when no tab holds a topic of it any more.
+    fn stop_if_unused(&mut self, project: &str) -> bool {
         if self.is_used(project) {
-            return None;
+            return false;
         }
-        let mut s = self.streams.remove(project)?;
+        let Some(mut s) = self.streams.remove(project) else {
+            return false;
+        };
         if let Some(t) = s.task.take() {
             t.abort();
         }
-        Some(Action::Stop {
-            project: project.to_owned(),
-        })
+        true
     }
 
     /// Stops every stream (the session stops).
@@ -547,10 +547,9 @@ mod tests {
                 .0
         );
         assert_eq!(event(&mut s, g, "1", "push"), vec![1, 2]);
-        assert_eq!(s.unsubscribe(1, &t("/project/1/push")), (true, None));
+        assert_eq!(s.unsubscribe(1, &t("/project/1/push")), (true, false));
         assert_eq!(event(&mut s, g, "2", "push"), vec![2]);
-        let (removed, stop) = s.unsubscribe(2, &t("/project/1/push"));
-        assert!(removed && matches!(stop, Some(Action::Stop { .. })));
+        assert_eq!(s.unsubscribe(2, &t("/project/1/push")), (true, true));
     }
 
     #[test]
@@ -584,7 +583,7 @@ mod tests {
         assert_eq!(event(&mut s, g2, "8", "issue"), vec![2]);
         assert_eq!(event(&mut s, g2, "9", "push"), vec![1]);
         // Removing a type filters locally, without reopening.
-        assert_eq!(s.unsubscribe(2, &t("/project/1/issue")), (true, None));
+        assert_eq!(s.unsubscribe(2, &t("/project/1/issue")), (true, false));
         assert!(event(&mut s, g2, "10", "issue").is_empty());
     }
 

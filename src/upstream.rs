@@ -16,25 +16,56 @@
 //! [`Subscriptions`]: crate::subscriptions::Subscriptions
 
 use std::collections::BTreeSet;
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use reqwest::StatusCode;
 use reqwest_eventsource::{retry, Error as EsError, Event, EventSource};
+use tokio::sync::watch;
 
+use crate::auth::Verified;
 use crate::backoff::Backoff;
 use crate::config::GitlabConfig;
-use crate::session::Session;
+use crate::metrics::Metrics;
 
-/// The HTTP client for upstream streams: no total timeout (streams are long), a read timeout for stalls.
-pub fn client(config: &GitlabConfig) -> reqwest::Client {
-    reqwest::Client::builder()
-        .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
-        .read_timeout(Duration::from_millis(config.stall_timeout_ms))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap_or_default()
+/// Where a stream's events and state changes go: the user's session implements it. Every call names the stream's
+/// generation, so that the sink can ignore a stream it has since replaced.
+pub trait StreamSink: Send + Sync + 'static {
+    /// The token to connect with (the newest valid one).
+    fn bearer(&self) -> Option<Arc<str>>;
+    /// Every change of the session's token: a stream refused with 401 waits for one.
+    fn token_changes(&self) -> watch::Receiver<Option<Verified>>;
+    /// The id of the last event received, sent as `Last-Event-ID` on reconnection.
+    fn resume_id(&self, project: &str) -> Option<String>;
+    fn opened(&self, project: &str, generation: u64);
+    fn event(&self, project: &str, generation: u64, id: &str, event_type: &str, data: &str);
+    fn degraded(&self, project: &str, generation: u64, why: &str);
+    fn unauthorized(&self, project: &str, generation: u64);
+    fn refused(&self, project: &str, generation: u64, status: u16, message: &str);
+}
+
+/// The upstream client: its HTTP client (no total timeout, since streams are long; a read timeout for stalls),
+/// the `[gitlab]` settings and the metrics.
+pub struct Upstream {
+    http: reqwest::Client,
+    config: GitlabConfig,
+    metrics: Arc<Metrics>,
+}
+
+impl Upstream {
+    pub fn new(config: &GitlabConfig, metrics: Arc<Metrics>) -> Result<Upstream, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
+            .read_timeout(Duration::from_millis(config.stall_timeout_ms))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(Upstream {
+            http,
+            config: config.clone(),
+            metrics,
+        })
+    }
 }
 
 /// The stream URL of a project for a set of event types.
@@ -55,7 +86,7 @@ enum Ended {
     /// Reconnect after a backoff.
     Retry(String),
     /// 401 with the token used.
-    Unauthorized(std::sync::Arc<str>),
+    Unauthorized(Arc<str>),
     /// 403 or 404: give up on the project.
     Refused(u16, String),
     /// The session is gone.
@@ -64,13 +95,14 @@ enum Ended {
 
 /// Runs a project's stream until the session stops it (aborts the task) or GitLab refuses the project.
 pub async fn run(
-    session: Weak<Session>,
+    upstream: Arc<Upstream>,
+    session: Weak<dyn StreamSink>,
     project: String,
     filter: BTreeSet<String>,
     generation: u64,
 ) {
     let Some(s) = session.upgrade() else { return };
-    let config = s.app().config.gitlab.clone();
+    let config = &upstream.config;
     let mut token_changes = s.token_changes();
     drop(s);
     let mut backoff = Backoff::new(
@@ -79,7 +111,8 @@ pub async fn run(
     );
     let mut retried_401 = false;
     loop {
-        let (ended, opened) = connect_once(&session, &project, &filter, generation, &config).await;
+        let (ended, opened) =
+            connect_once(&upstream, &session, &project, &filter, generation).await;
         if opened {
             backoff.reset();
         }
@@ -87,18 +120,18 @@ pub async fn run(
             Ended::Gone => return,
             Ended::Refused(status, message) => {
                 if let Some(s) = session.upgrade() {
-                    s.upstream_refused(&project, generation, status, &message);
+                    s.refused(&project, generation, status, &message);
                 }
                 return;
             }
             Ended::Unauthorized(used) => {
                 let Some(s) = session.upgrade() else { return };
-                let newer = s.valid_token().is_some_and(|t| t.token != used);
+                let newer = s.bearer().is_some_and(|t| t != used);
                 if newer && !retried_401 {
                     retried_401 = true;
                     continue;
                 }
-                s.upstream_unauthorized(&project, generation);
+                s.unauthorized(&project, generation);
                 drop(s);
                 // Wait for a new token (authenticate, refresh) before trying again.
                 token_changes.borrow_and_update();
@@ -109,7 +142,7 @@ pub async fn run(
             }
             Ended::Retry(why) => {
                 if let Some(s) = session.upgrade() {
-                    s.upstream_degraded(&project, generation, &why);
+                    s.degraded(&project, generation, &why);
                 }
                 tokio::time::sleep(backoff.next_delay()).await;
             }
@@ -118,7 +151,7 @@ pub async fn run(
 }
 
 /// Counts an open upstream connection in the metrics while it lives.
-struct OpenGuard(std::sync::Arc<crate::metrics::Metrics>);
+struct OpenGuard(Arc<Metrics>);
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
@@ -127,46 +160,45 @@ impl Drop for OpenGuard {
 }
 
 async fn connect_once(
-    session: &Weak<Session>,
+    upstream: &Upstream,
+    session: &Weak<dyn StreamSink>,
     project: &str,
     filter: &BTreeSet<String>,
     generation: u64,
-    config: &GitlabConfig,
 ) -> (Ended, bool) {
     let mut open: Option<OpenGuard> = None;
-    let ended = stream_events(session, project, filter, generation, config, &mut open).await;
+    let ended = stream_events(upstream, session, project, filter, generation, &mut open).await;
     (ended, open.is_some())
 }
 
 async fn stream_events(
-    session: &Weak<Session>,
+    upstream: &Upstream,
+    session: &Weak<dyn StreamSink>,
     project: &str,
     filter: &BTreeSet<String>,
     generation: u64,
-    config: &GitlabConfig,
     open: &mut Option<OpenGuard>,
 ) -> Ended {
     let (mut es, token) = {
         let Some(s) = session.upgrade() else {
             return Ended::Gone;
         };
-        let Some(token) = s.valid_token() else {
+        let Some(token) = s.bearer() else {
             return Ended::Retry("no valid token".into());
         };
-        let mut req = s
-            .app()
-            .upstream
-            .get(stream_url(config, project, filter))
-            .bearer_auth(&token.token)
+        let mut req = upstream
+            .http
+            .get(stream_url(&upstream.config, project, filter))
+            .bearer_auth(&token)
             .header("accept", "text/event-stream");
-        if let Some(id) = s.stream_resume_id(project) {
+        if let Some(id) = s.resume_id(project) {
             req = req.header("last-event-id", id);
         }
         let Ok(mut es) = EventSource::new(req) else {
             return Ended::Retry("request cannot be built".into());
         };
         es.set_retry_policy(Box::new(retry::Never));
-        (es, token.token)
+        (es, token)
     };
     while let Some(item) = es.next().await {
         let Some(s) = session.upgrade() else {
@@ -175,14 +207,12 @@ async fn stream_events(
         match item {
             Ok(Event::Open) => {
                 if open.is_none() {
-                    s.app().metrics.upstream_streams.inc();
-                    *open = Some(OpenGuard(s.app().metrics.clone()));
+                    upstream.metrics.upstream_streams.inc();
+                    *open = Some(OpenGuard(upstream.metrics.clone()));
                 }
-                s.upstream_open(project, generation);
+                s.opened(project, generation);
             }
-            Ok(Event::Message(m)) => {
-                s.upstream_event(project, generation, &m.id, &m.event, &m.data)
-            }
+            Ok(Event::Message(m)) => s.event(project, generation, &m.id, &m.event, &m.data),
             Err(EsError::InvalidStatusCode(status, _)) => {
                 es.close();
                 return match status {

@@ -7,14 +7,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::Deserialize;
 use serde_json::{json, Value};
 use support::client::Cred;
 use support::keycloak::{sub_of, TABHUB_CLIENT, TABHUB_SECRET};
 use support::{Client, Keycloak, TokenSpec};
-use tabhub::commands::{
-    BoxFuture, Cadence, Command, CommandError, Context, LoopFunction, Registry,
-};
+use tabhub::commands::{Cadence, Command, CommandError, Context, LoopFunction, NoParams, Registry};
 
 /// Tokens seen by a fixture backend, in order.
 #[derive(Default)]
@@ -23,32 +20,21 @@ struct Seen(Mutex<Vec<String>>);
 /// `poll {}`: registers a short loop that calls the `gw` backend as the user.
 struct Poll;
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NoParams {}
-
 impl Command for Poll {
     const NAME: &'static str = "poll";
     const DOC: &'static str = "Test: a loop calling a backend as the user.";
-    const REQUIRED: &'static [&'static str] = &[];
     type Params = NoParams;
-    fn handle<'a>(
-        &'a self,
-        _: NoParams,
-        ctx: &'a dyn Context,
-    ) -> BoxFuture<'a, Result<(), CommandError>> {
-        Box::pin(async move {
-            ctx.register_loop(LoopFunction::new(
-                "poll",
-                Cadence::Short,
-                |ctx| async move {
-                    ctx.backend_get("gw", "/whoami").await?;
-                    Ok(vec![])
-                },
-            ));
-            ctx.reply("polling", json!({}));
-            Ok(())
-        })
+    async fn handle(&self, _: NoParams, ctx: &dyn Context) -> Result<(), CommandError> {
+        ctx.register_loop(LoopFunction::new(
+            "poll",
+            Cadence::Short,
+            |ctx| async move {
+                ctx.backend_get("gw", "/whoami").await?;
+                Ok(vec![])
+            },
+        ));
+        ctx.reply("polling", json!({}));
+        Ok(())
     }
 }
 

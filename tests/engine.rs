@@ -15,7 +15,7 @@ use support::client::Cred;
 use support::keycloak::sub_of;
 use support::{Client, Keycloak, TokenSpec};
 use tabhub::commands::{
-    BoxFuture, Cadence, Command, CommandError, Context, LoopFunction, Notification, Registry,
+    Cadence, Command, CommandError, Context, LoopFunction, NoParams, Notification, Registry,
 };
 use tokio_tungstenite::tungstenite::Message;
 
@@ -38,41 +38,30 @@ impl LoopLog {
 /// `watch {}`: registers a short-loop function that logs its runs and sends `tick {n}`.
 struct Watch(Arc<LoopLog>);
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NoParams {}
-
 impl Command for Watch {
     const NAME: &'static str = "watch";
     const DOC: &'static str = "Test: registers a loop function.";
-    const REQUIRED: &'static [&'static str] = &[];
     type Params = NoParams;
 
-    fn handle<'a>(
-        &'a self,
-        _: NoParams,
-        ctx: &'a dyn Context,
-    ) -> BoxFuture<'a, Result<(), CommandError>> {
-        Box::pin(async move {
-            let instance = self.0.next_instance.fetch_add(1, Ordering::SeqCst);
-            let log = self.0.clone();
-            let user = ctx.user().id.clone();
-            let registered =
-                ctx.register_loop(LoopFunction::new("watch", Cadence::Short, move |_ctx| {
-                    let log = log.clone();
-                    let user = user.clone();
-                    async move {
-                        let n = {
-                            let mut ran = log.ran.lock().unwrap();
-                            ran.push((instance, user));
-                            ran.len()
-                        };
-                        Ok(vec![Notification::new("tick", json!({ "n": n }))])
-                    }
-                }));
-            ctx.reply("watching", json!({ "registered": registered }));
-            Ok(())
-        })
+    async fn handle(&self, _: NoParams, ctx: &dyn Context) -> Result<(), CommandError> {
+        let instance = self.0.next_instance.fetch_add(1, Ordering::SeqCst);
+        let log = self.0.clone();
+        let user = ctx.user().id.clone();
+        let registered =
+            ctx.register_loop(LoopFunction::new("watch", Cadence::Short, move |_ctx| {
+                let log = log.clone();
+                let user = user.clone();
+                async move {
+                    let n = {
+                        let mut ran = log.ran.lock().unwrap();
+                        ran.push((instance, user));
+                        ran.len()
+                    };
+                    Ok(vec![Notification::new("tick", json!({ "n": n }))])
+                }
+            }));
+        ctx.reply("watching", json!({ "registered": registered }));
+        Ok(())
     }
 }
 
@@ -94,20 +83,14 @@ impl Command for Shout {
     const OPTIONAL: &'static [&'static str] = &["loud"];
     type Params = ShoutParams;
 
-    fn handle<'a>(
-        &'a self,
-        p: ShoutParams,
-        ctx: &'a dyn Context,
-    ) -> BoxFuture<'a, Result<(), CommandError>> {
-        Box::pin(async move {
-            let text = if p.loud {
-                p.text.to_uppercase()
-            } else {
-                p.text
-            };
-            ctx.notify_user("shout", json!({ "text": text, "from": ctx.user().name }));
-            Ok(())
-        })
+    async fn handle(&self, p: ShoutParams, ctx: &dyn Context) -> Result<(), CommandError> {
+        let text = if p.loud {
+            p.text.to_uppercase()
+        } else {
+            p.text
+        };
+        ctx.notify_user("shout", json!({ "text": text, "from": ctx.user().name }));
+        Ok(())
     }
 }
 

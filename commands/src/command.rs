@@ -4,11 +4,19 @@ use std::future::Future;
 use std::pin::Pin;
 
 use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{Map, Value};
 
 use crate::context::Context;
 
-/// A boxed, sendable future: what trait methods return so that the traits stay object-safe.
+/// A boxed, sendable future: what the context's methods return so that the context stays object-safe. Command
+/// files never need it: they write `async fn handle`, and the registry boxes it once.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The parameters of a command that takes none.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoParams {}
 
 /// One command a tab may send: `{"type": NAME, "data": {...}}`.
 ///
@@ -20,19 +28,31 @@ pub trait Command: Send + Sync + 'static {
     /// One line for `tabhub commands` and the README.
     const DOC: &'static str;
     /// Keys `data` must carry.
-    const REQUIRED: &'static [&'static str];
+    const REQUIRED: &'static [&'static str] = &[];
     /// Keys `data` may carry.
     const OPTIONAL: &'static [&'static str] = &[];
     /// Typed parameters; use `#[serde(deny_unknown_fields)]` so the struct and the key lists cannot drift apart
     /// silently.
     type Params: DeserializeOwned + Send + 'static;
 
-    /// Handles one message. Replies go through `ctx`; an `Err` becomes an `error` to the sending tab only.
-    fn handle<'a>(
-        &'a self,
+    /// Keys of the `[commands]` configuration table this command reads (in [`Command::configure`]). A key no
+    /// command claims fails the start, so a misspelt setting is never silently ignored.
+    const SETTINGS: &'static [&'static str] = &[];
+
+    /// Reads this command's settings from the `[commands]` table, once, at start. An `Err` names the key and fails
+    /// the start; handlers and loop functions then use the parsed values, never the table.
+    fn configure(&mut self, settings: &Map<String, Value>) -> Result<(), String> {
+        let _ = settings;
+        Ok(())
+    }
+
+    /// Handles one message (write it as `async fn handle`). Replies go through `ctx`; an `Err` becomes an `error`
+    /// to the sending tab only.
+    fn handle(
+        &self,
         params: Self::Params,
-        ctx: &'a dyn Context,
-    ) -> BoxFuture<'a, Result<(), CommandError>>;
+        ctx: &dyn Context,
+    ) -> impl Future<Output = Result<(), CommandError>> + Send;
 }
 
 /// Why a message was not carried out. The text is sent to the tab that sent it, so it must never contain a token

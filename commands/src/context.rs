@@ -1,6 +1,6 @@
 //! What a handler and a loop function may do: the traits the engine implements.
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::command::{BoxFuture, CommandError};
 use crate::loops::LoopFunction;
@@ -71,13 +71,6 @@ impl std::fmt::Display for BackendError {
 
 impl std::error::Error for BackendError {}
 
-/// What `setSubscriptions` changed.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SubscriptionChange {
-    pub added: Vec<String>,
-    pub removed: Vec<String>,
-}
-
 /// A handler's view of the tab that sent the message and of the user's session. Everything a loop function may do
 /// (backend calls as the user, shared fetches, session data) a handler may do too.
 pub trait Context: LoopContext {
@@ -103,13 +96,14 @@ pub trait Context: LoopContext {
     fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Value, CommandError>>;
 
     /// Subscribes this tab to `topic`; `last_event_id` resumes after that event. Returns false when the tab already
-    /// held the topic. `ack(added)` builds the reply, which the engine queues to the tab atomically with the
-    /// registration and before any replayed or live event of the topic.
+    /// held the topic. `reply`, if any, is queued to the tab atomically with the registration and before any
+    /// replayed or live event of the topic, with `added` (the return value) set in its data and the request's
+    /// `id` echoed. A reply, not a callback: nothing of the command runs while the engine holds its locks.
     fn subscribe(
         &self,
         topic: &Topic,
         last_event_id: Option<&str>,
-        ack: &(dyn Fn(bool) -> Option<Notification> + Sync),
+        reply: Option<Notification>,
     ) -> Result<bool, CommandError>;
     /// Releases this tab's hold on `topic`. Returns false when the tab did not hold it.
     fn unsubscribe(&self, topic: &Topic) -> bool;
@@ -121,8 +115,6 @@ pub trait Context: LoopContext {
 pub trait LoopContext: Send + Sync {
     /// The session's user.
     fn user(&self) -> &User;
-    /// The `[commands]` table of the configuration, as JSON.
-    fn settings(&self) -> &Map<String, Value>;
     /// Typed state kept by the user's session while it lives (shared by all tabs and by loop functions).
     fn session_data(&self) -> &SessionData;
     /// `GET {backends[backend]}{path}` as the user (`Authorization: Bearer` with the session's newest token), with

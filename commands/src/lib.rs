@@ -29,10 +29,8 @@ pub mod session_data;
 pub mod settings;
 pub mod topic;
 
-pub use command::{BoxFuture, Command, CommandError};
-pub use context::{
-    BackendError, BackendResponse, Context, LoopContext, Notification, SubscriptionChange, User,
-};
+pub use command::{BoxFuture, Command, CommandError, NoParams};
+pub use context::{BackendError, BackendResponse, Context, LoopContext, Notification, User};
 pub use loops::{Cadence, LoopError, LoopFunction};
 pub use registry::{CommandInfo, Registry};
 pub use session_data::SessionData;

@@ -31,6 +31,8 @@ impl std::fmt::Display for CommandInfo {
 /// A command with its parameter type erased, so commands of different types share one map.
 trait Erased: Send + Sync {
     fn info(&self) -> CommandInfo;
+    fn configure(&mut self, settings: &Map<String, Value>) -> Result<(), String>;
+    fn settings(&self) -> &'static [&'static str];
     fn call<'a>(
         &'a self,
         data: Map<String, Value>,
@@ -48,6 +50,14 @@ impl<C: Command> Erased for C {
         }
     }
 
+    fn configure(&mut self, settings: &Map<String, Value>) -> Result<(), String> {
+        Command::configure(self, settings)
+    }
+
+    fn settings(&self) -> &'static [&'static str] {
+        C::SETTINGS
+    }
+
     fn call<'a>(
         &'a self,
         data: Map<String, Value>,
@@ -57,7 +67,7 @@ impl<C: Command> Erased for C {
         let params: C::Params = serde_json::from_value(Value::Object(data)).map_err(|e| {
             CommandError::BadParams(format!("invalid parameters for '{}': {e}", C::NAME))
         })?;
-        Ok(self.handle(params, ctx))
+        Ok(Box::pin(self.handle(params, ctx)))
     }
 }
 
@@ -146,6 +156,39 @@ impl Registry {
     pub fn register<C: Command>(&mut self, command: C) -> &mut Self {
         self.commands.insert(C::NAME, Box::new(command));
         self
+    }
+
+    /// Hands every command the `[commands]` table, once, at start. Fails naming the key when a value is wrong or
+    /// when no command reads a key (a misspelt setting).
+    pub fn configure(&mut self, settings: &Map<String, Value>) -> Result<(), String> {
+        for key in settings.keys() {
+            if !self
+                .commands
+                .values()
+                .any(|c| c.settings().contains(&key.as_str()))
+            {
+                return Err(format!(
+                    "commands.{key}: no command reads this setting (known: {})",
+                    self.known_settings().join(", ")
+                ));
+            }
+        }
+        for c in self.commands.values_mut() {
+            c.configure(settings)
+                .map_err(|e| format!("[commands] {e}"))?;
+        }
+        Ok(())
+    }
+
+    fn known_settings(&self) -> Vec<&'static str> {
+        let mut all: Vec<&'static str> = self
+            .commands
+            .values()
+            .flat_map(|c| c.settings().iter().copied())
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all
     }
 
     /// Whether a command of that name exists.

@@ -78,20 +78,19 @@ pub struct Realm {
     /// Tokens already verified, by token: a user's tabs, reloads and reconnect storms present the same token
     /// again, and an RSA verification is about half of a handshake's CPU. Entries live at most a minute, a hit
     /// re-checks `exp`, and a fetched key set that lost a key empties the cache (see `install`).
-    pub(crate) verified: moka::sync::Cache<Arc<str>, super::Verified>,
+    pub(crate) verified: moka::sync::Cache<Arc<str>, super::verified::Verified>,
     /// How many fetched key sets lost a key: a verification that straddles one must not cache its result, and
     /// the sessions re-check their tokens after each (see [`crate::hub::recheck_on_withdrawal`]).
     withdrawals: tokio::sync::watch::Sender<u64>,
 }
 
 impl Realm {
-    pub fn new(config: AuthConfig) -> Arc<Realm> {
+    pub fn new(config: AuthConfig) -> Result<Arc<Realm>, reqwest::Error> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_millis(config.http_timeout_ms))
             .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap_or_default();
-        Arc::new(Realm {
+            .build()?;
+        Ok(Arc::new(Realm {
             config,
             http,
             loaded: RwLock::new(None),
@@ -101,7 +100,7 @@ impl Realm {
                 .time_to_live(Duration::from_secs(60))
                 .build(),
             withdrawals: tokio::sync::watch::Sender::new(0),
-        })
+        }))
     }
 
     pub fn config(&self) -> &AuthConfig {

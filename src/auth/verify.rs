@@ -11,41 +11,9 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use tabhub_commands::User;
 
+use super::algorithm::parse_algorithm;
 use super::realm::{Key, KeyKind, Loaded, Realm};
-
-/// A verified access token.
-#[derive(Debug, Clone)]
-pub struct Verified {
-    pub user: User,
-    /// Expiry, in seconds since the Unix epoch.
-    pub exp: u64,
-    /// Keycloak's session id (`sid`), for back-channel logout; never logged.
-    pub sid: Option<String>,
-    /// The client the token was issued to.
-    pub azp: Option<String>,
-    /// The token itself, for calls to backends on the user's behalf.
-    pub token: Arc<str>,
-    /// The server-side browser session (token custody) the token belongs to, when it came from one; the session
-    /// refreshes through it. Never logged.
-    pub source: Option<Arc<str>>,
-}
-
-/// Why a token was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AuthError {
-    #[error("no credential: send a bearer token (Authorization header, token cookie or websocket subprotocol)")]
-    Missing,
-    #[error("invalid token: {0}")]
-    Invalid(&'static str),
-    #[error("token expired")]
-    Expired,
-    #[error("token revoked at the identity provider")]
-    Revoked,
-    #[error("unknown or expired login session: log in again")]
-    NoSession,
-    #[error("the identity provider's keys are not loaded yet; try again shortly")]
-    Unavailable,
-}
+use super::verified::{AuthError, Verified};
 
 #[derive(Deserialize)]
 struct Claims {
@@ -94,7 +62,7 @@ impl Realm {
             .config()
             .algorithms
             .iter()
-            .filter_map(|a| super::parse_algorithm(a).ok())
+            .filter_map(|a| parse_algorithm(a).ok())
             .collect();
         if !accepted.contains(&header.alg) {
             return Err(AuthError::Invalid("signature algorithm not accepted"));

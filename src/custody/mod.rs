@@ -114,20 +114,23 @@ fn unverified_exp(jwt: &str) -> Option<u64> {
 }
 
 impl Custody {
-    pub fn new(config: &Config, realm: Arc<Realm>, metrics: Arc<Metrics>) -> Custody {
+    pub fn new(
+        config: &Config,
+        realm: Arc<Realm>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Custody, reqwest::Error> {
         let c = config.custody.clone();
         let allowed_origins = if c.allowed_redirect_origins.is_empty() {
             config.origins.allowed.clone()
         } else {
             c.allowed_redirect_origins.clone()
         };
-        Custody {
+        Ok(Custody {
             http: reqwest::Client::builder()
                 .timeout(Duration::from_millis(config.auth.http_timeout_ms))
                 // No redirects when talking to the identity provider (SSRF, as openidconnect recommends).
                 .redirect(reqwest::redirect::Policy::none())
-                .build()
-                .unwrap_or_default(),
+                .build()?,
             store: Arc::new(MemoryStore::new(1_000_000)),
             pending: moka::future::Cache::builder()
                 .max_capacity(100_000)
@@ -149,7 +152,7 @@ impl Custody {
             realm,
             metrics,
             config: c,
-        }
+        })
     }
 
     pub fn config(&self) -> &CustodyConfig {
@@ -562,8 +565,8 @@ mod tests {
     fn custody(origins: &[&str]) -> Custody {
         let mut c = Config::default();
         c.origins.allowed = origins.iter().map(|s| s.to_string()).collect();
-        let realm = Realm::new(c.auth.clone());
-        Custody::new(&c, realm, Arc::new(Metrics::default()))
+        let realm = Realm::new(c.auth.clone()).unwrap();
+        Custody::new(&c, realm, Arc::new(Metrics::default())).unwrap()
     }
 
     #[test]

@@ -19,10 +19,10 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tabhub_commands::Topic;
 
-use super::{new_id, Message, Target};
 use crate::app::App;
 use crate::auth::AuthError;
 use crate::protocol;
+use crate::publish::message::{new_id, Message, Target};
 
 pub fn router() -> Router<Arc<App>> {
     Router::new().route("/api/publish", post(publish))
@@ -150,12 +150,7 @@ fn parse(app: &App, bytes: &[u8]) -> Result<Vec<Message>, String> {
             Target::Broadcast(false) => return Err(format!("{at}target.broadcast must be true")),
             Target::Topic(t) => {
                 let ok = matches!(Topic::parse(t), Ok(Topic::Channel(_)))
-                    && app
-                        .config
-                        .publish
-                        .namespaces
-                        .iter()
-                        .any(|n| t.starts_with(n.as_str()));
+                    && app.config.publish.allows_channel(t);
                 if !ok {
                     return Err(format!(
                         "{at}target.topic {t:?} is not in a publish namespace ({})",
@@ -197,7 +192,7 @@ async fn publish(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) ->
         }
     };
     let ids: Vec<String> = messages.iter().map(|m| m.id.clone()).collect();
-    match app.broker.publish(&app, messages).await {
+    match app.broker.publish(&app.instance, messages).await {
         Ok(()) => {
             app.metrics.publish_requests.inc(&["200"]);
             Json(json!({"published": ids.len(), "ids": ids})).into_response()

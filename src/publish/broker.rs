@@ -7,16 +7,23 @@
 //!   publishing fails (503, never a silent drop) and the listener reconnects with backoff.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
-use super::{deliver, Message};
-use crate::app::App;
 use crate::backoff::Backoff;
 use crate::config::BrokerConfig;
+use crate::metrics::Metrics;
+use crate::publish::message::Message;
+
+/// What an instance does with a batch that reaches it (centrifuge's `BrokerEventHandler` shape): the app registers
+/// one, so the broker knows nothing of hubs and sessions.
+pub trait BatchHandler: Send + Sync + 'static {
+    fn deliver(&self, messages: &[Message]);
+}
 
 /// Why a publish failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -33,7 +40,8 @@ struct Wire {
 }
 
 pub enum Broker {
-    Memory,
+    /// This process only: a publish is delivered at once.
+    Memory(Arc<dyn BatchHandler>),
     Redis(Arc<RedisBroker>),
 }
 
@@ -41,16 +49,27 @@ pub struct RedisBroker {
     /// None only if the URL, validated at start, still failed to open: publishing then always fails.
     client: Option<redis::Client>,
     config: BrokerConfig,
-    conn: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
+    /// The publishing connection. Multiplexed: each publish clones it out of the mutex and sends without holding
+    /// the lock, so publishes pipeline instead of waiting for each other's round trips.
+    conn: Mutex<Option<redis::aio::MultiplexedConnection>>,
+    /// Serialises (re)connecting only, so that an outage does not open one connection per waiting publish.
+    connecting: tokio::sync::Mutex<()>,
     listening: AtomicBool,
+    handler: Arc<dyn BatchHandler>,
+    metrics: Arc<Metrics>,
 }
 
 impl Broker {
-    /// The broker the configuration names (validated: a redis URL parses).
-    pub fn new(config: &BrokerConfig) -> Broker {
+    /// The broker the configuration names (validated: a redis URL parses); `handler` delivers on this instance.
+    pub fn new(
+        config: &BrokerConfig,
+        handler: Arc<dyn BatchHandler>,
+        metrics: Arc<Metrics>,
+    ) -> Broker {
         if config.kind != "redis" {
-            return Broker::Memory;
+            return Broker::Memory(handler);
         }
+        metrics.broker_is_redis.store(true, Ordering::Relaxed);
         let client = redis::Client::open(config.redis_url.as_str())
             .map_err(
                 |e| tracing::error!(error = %e, "broker.redis_url unusable; publishing will fail"),
@@ -59,35 +78,45 @@ impl Broker {
         Broker::Redis(Arc::new(RedisBroker {
             client,
             config: config.clone(),
-            conn: tokio::sync::Mutex::new(None),
+            conn: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
             listening: AtomicBool::new(false),
+            handler,
+            metrics,
         }))
     }
 
-    /// Starts the Redis listener (nothing for memory).
-    pub fn start(&self, app: Weak<App>) {
+    /// Starts the Redis listener (nothing for memory) until `stop` is cancelled.
+    pub fn start(&self, stop: CancellationToken) {
         if let Broker::Redis(r) = self {
-            tokio::spawn(r.clone().listen(app));
+            let r = r.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = r.listen() => {}
+                }
+            });
         }
     }
 
     /// `memory`, `up` or `down`.
     pub fn state(&self) -> &'static str {
         match self {
-            Broker::Memory => "memory",
+            Broker::Memory(_) => "memory",
             Broker::Redis(r) if r.listening.load(Ordering::Acquire) => "up",
             Broker::Redis(_) => "down",
         }
     }
 
     /// Publishes a batch (delivered in order).
-    pub async fn publish(&self, app: &Arc<App>, messages: Vec<Message>) -> Result<(), BrokerError> {
+    /// Publishes a batch; `origin` names this instance.
+    pub async fn publish(&self, origin: &str, messages: Vec<Message>) -> Result<(), BrokerError> {
         match self {
-            Broker::Memory => {
-                deliver(app, &messages);
+            Broker::Memory(handler) => {
+                handler.deliver(&messages);
                 Ok(())
             }
-            Broker::Redis(r) => r.publish(&app.instance, messages).await,
+            Broker::Redis(r) => r.publish(origin, messages).await,
         }
     }
 }
@@ -109,40 +138,48 @@ impl RedisBroker {
             .client
             .as_ref()
             .ok_or_else(|| BrokerError::Unavailable("broker.redis_url unusable".into()))?;
-        let mut guard = self.conn.lock().await;
-        if guard.is_none() {
-            let conn = tokio::time::timeout(timeout, client.get_multiplexed_async_connection())
-                .await
-                .map_err(|_| BrokerError::Unavailable("connection timed out".into()))?
-                .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
-            *guard = Some(conn);
-        }
-        let Some(conn) = guard.as_mut() else {
-            return Err(BrokerError::Unavailable("no connection".into()));
-        };
+        let mut conn = self.connection(client, timeout).await?;
         let sent = tokio::time::timeout(
             timeout,
             redis::cmd("PUBLISH")
                 .arg(&self.config.channel)
                 .arg(payload)
-                .query_async::<i64>(conn),
+                .query_async::<i64>(&mut conn),
         )
         .await;
-        match sent {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => {
-                *guard = None;
-                Err(BrokerError::Unavailable(e.to_string()))
-            }
-            Err(_) => {
-                *guard = None;
-                Err(BrokerError::Unavailable("publish timed out".into()))
-            }
-        }
+        let failed = match sent {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "publish timed out".into(),
+        };
+        // The next publish reconnects.
+        *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        Err(BrokerError::Unavailable(failed))
     }
 
-    /// Listens on the channel and delivers what comes, reconnecting with backoff.
-    async fn listen(self: Arc<Self>, app: Weak<App>) {
+    /// A clone of the publishing connection, connecting first when there is none.
+    async fn connection(
+        &self,
+        client: &redis::Client,
+        timeout: Duration,
+    ) -> Result<redis::aio::MultiplexedConnection, BrokerError> {
+        let current = || self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(c) = current() {
+            return Ok(c);
+        }
+        let _one = self.connecting.lock().await;
+        if let Some(c) = current() {
+            return Ok(c);
+        }
+        let conn = tokio::time::timeout(timeout, client.get_multiplexed_async_connection())
+            .await
+            .map_err(|_| BrokerError::Unavailable("connection timed out".into()))?
+            .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+        *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn listen(self: Arc<Self>) {
         let Some(client) = self.client.clone() else {
             return;
         };
@@ -154,40 +191,34 @@ impl RedisBroker {
             match client.get_async_pubsub().await {
                 Ok(mut pubsub) => match pubsub.subscribe(&self.config.channel).await {
                     Ok(()) => {
-                        self.set_listening(&app, true);
+                        self.set_listening(true);
                         backoff.reset();
                         tracing::info!(channel = %self.config.channel, "listening on Redis");
                         let mut stream = pubsub.into_on_message();
                         while let Some(msg) = stream.next().await {
-                            let Some(app) = app.upgrade() else { return };
                             let Ok(payload) = msg.get_payload::<String>() else {
                                 continue;
                             };
                             match serde_json::from_str::<Wire>(&payload) {
-                                Ok(w) => deliver(&app, &w.messages),
+                                Ok(w) => self.handler.deliver(&w.messages),
                                 Err(e) => {
                                     tracing::warn!(error = %e, "unreadable message on the broker channel")
                                 }
                             }
                         }
-                        self.set_listening(&app, false);
+                        self.set_listening(false);
                         tracing::warn!("Redis subscription ended; reconnecting");
                     }
                     Err(e) => tracing::warn!(error = %e, "Redis subscribe failed"),
                 },
                 Err(e) => tracing::warn!(error = %e, "Redis unreachable"),
             }
-            if app.strong_count() == 0 {
-                return;
-            }
             tokio::time::sleep(backoff.next_delay().max(Duration::from_millis(50))).await;
         }
     }
 
-    fn set_listening(&self, app: &Weak<App>, up: bool) {
+    fn set_listening(&self, up: bool) {
         self.listening.store(up, Ordering::Release);
-        if let Some(app) = app.upgrade() {
-            app.metrics.broker_up.set(i64::from(up));
-        }
+        self.metrics.broker_up.set(i64::from(up));
     }
 }

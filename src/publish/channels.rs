@@ -29,11 +29,13 @@ impl Buffer {
     }
 }
 
-#[derive(Default)]
+/// The channels of this instance. At most `max_buffered` channels have a buffer; a channel without a buffer cannot
+/// be subscribed to (its replay would silently be missing), so a full table refuses new subscriptions instead.
 pub struct Channels {
     /// channel -> users with at least one tab holding it.
     index: Mutex<HashMap<String, HashSet<String>>>,
     buffers: Mutex<HashMap<String, Arc<Mutex<Buffer>>>>,
+    max_buffered: usize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -41,6 +43,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Channels {
+    pub fn new(max_buffered: usize) -> Channels {
+        Channels {
+            index: Mutex::default(),
+            buffers: Mutex::default(),
+            max_buffered,
+        }
+    }
+
     pub fn add_holder(&self, channel: &str, user: &str) {
         lock(&self.index)
             .entry(channel.to_owned())
@@ -68,20 +78,24 @@ impl Channels {
 
     /// The channel's buffer, created if needed. Beyond `max_topics` buffers, those of channels nobody holds are
     /// dropped first.
-    pub fn buffer(&self, channel: &str, max_topics: usize) -> Arc<Mutex<Buffer>> {
+    /// The channel's buffer, created if there is room. Channels nobody holds make room for new ones; when every
+    /// buffered channel is held, `None`: the caller refuses the subscription, and a message published to such a
+    /// channel reaches nobody anyway (a channel without a buffer has no holder).
+    pub fn buffer(&self, channel: &str) -> Option<Arc<Mutex<Buffer>>> {
         let mut buffers = lock(&self.buffers);
         if let Some(b) = buffers.get(channel) {
-            return b.clone();
+            return Some(b.clone());
         }
-        if buffers.len() >= max_topics {
+        if buffers.len() >= self.max_buffered {
             let index = lock(&self.index);
             buffers.retain(|name, _| index.contains_key(name));
         }
-        let b = Arc::new(Mutex::new(Buffer::default()));
-        if buffers.len() < max_topics {
-            buffers.insert(channel.to_owned(), b.clone());
+        if buffers.len() >= self.max_buffered {
+            return None;
         }
-        b
+        let b = Arc::new(Mutex::new(Buffer::default()));
+        buffers.insert(channel.to_owned(), b.clone());
+        Some(b)
     }
 }
 
@@ -106,19 +120,26 @@ mod tests {
 
     #[test]
     fn holders_and_bounded_buffers() {
-        let c = Channels::default();
+        let c = Channels::new(2);
         c.add_holder("/events/a", "u1");
         c.add_holder("/events/a", "u2");
         c.remove_holder("/events/a", "u1");
         assert_eq!(c.holders("/events/a"), vec!["u2".to_string()]);
-        c.buffer("/events/a", 2);
-        c.buffer("/events/x", 2);
-        c.buffer("/events/y", 2);
+        assert!(c.buffer("/events/a").is_some());
+        assert!(c.buffer("/events/x").is_some());
+        assert!(c.buffer("/events/y").is_some());
         assert_eq!(
             lock(&c.buffers).len(),
             2,
             "unheld /events/x was dropped for /events/y"
         );
         assert!(lock(&c.buffers).contains_key("/events/a"));
+        // Every buffered channel held: no unregistered buffer is handed out.
+        c.add_holder("/events/y", "u3");
+        assert!(c.buffer("/events/z").is_none());
+        assert!(
+            c.buffer("/events/y").is_some(),
+            "a buffered channel stays available"
+        );
     }
 }

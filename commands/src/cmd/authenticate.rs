@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-use crate::command::{BoxFuture, Command, CommandError};
+use crate::command::{Command, CommandError};
 use crate::context::Context;
 
 pub struct Authenticate;
@@ -21,15 +21,9 @@ impl Command for Authenticate {
     const REQUIRED: &'static [&'static str] = &["token"];
     type Params = Params;
 
-    fn handle<'a>(
-        &'a self,
-        p: Params,
-        ctx: &'a dyn Context,
-    ) -> BoxFuture<'a, Result<(), CommandError>> {
-        Box::pin(async move {
-            let data = ctx.authenticate(&p.token).await?;
-            ctx.reply("authenticated", data);
-            Ok(())
-        })
+    async fn handle(&self, p: Params, ctx: &dyn Context) -> Result<(), CommandError> {
+        let data = ctx.authenticate(&p.token).await?;
+        ctx.reply("authenticated", data);
+        Ok(())
     }
 }

@@ -11,11 +11,25 @@ use std::sync::{Arc, Mutex};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use crate::command::{BoxFuture, Command, CommandError};
+use crate::command::{Command, CommandError};
 use crate::context::{Context, LoopContext, Notification};
 use crate::loops::{Cadence, LoopError, LoopFunction};
+use crate::settings;
 
-pub struct Init;
+/// `init`, with where the deployed UI version comes from read once at start.
+#[derive(Default)]
+pub struct Init {
+    source: Arc<VersionSource>,
+}
+
+/// Where the deployed UI version comes from: `ui_version` (fixed), else `ui_version_url`, else none.
+#[derive(Default)]
+enum VersionSource {
+    Fixed(String),
+    Url(String),
+    #[default]
+    None,
+}
 
 /// Name of the long-loop function.
 pub const LOOP: &str = "uiVersion";
@@ -45,50 +59,70 @@ impl Command for Init {
     const DOC: &'static str =
         "Replies version {start, message, version}; with requestServerVersion the long loop pushes version {version} on change.";
     const REQUIRED: &'static [&'static str] = &["requestServerVersion"];
+    const SETTINGS: &'static [&'static str] = &["ui_version", "ui_version_url"];
     type Params = Params;
 
-    fn handle<'a>(
-        &'a self,
-        p: Params,
-        ctx: &'a dyn Context,
-    ) -> BoxFuture<'a, Result<(), CommandError>> {
-        Box::pin(async move {
-            if !p.request_server_version {
+    fn configure(&mut self, s: &Map<String, Value>) -> Result<(), String> {
+        let fixed = settings::string(s, "ui_version", "")?;
+        let url = settings::string(s, "ui_version_url", "")?;
+        let source = match (fixed.is_empty(), url.is_empty()) {
+            (false, _) => VersionSource::Fixed(fixed),
+            (true, false) if url.starts_with("http://") || url.starts_with("https://") => {
+                VersionSource::Url(url)
+            }
+            (true, false) => {
+                return Err(format!(
+                    "setting 'ui_version_url' must be an http(s) URL, got {url:?}"
+                ))
+            }
+            (true, true) => VersionSource::None,
+        };
+        self.source = Arc::new(source);
+        Ok(())
+    }
+
+    async fn handle(&self, p: Params, ctx: &dyn Context) -> Result<(), CommandError> {
+        if !p.request_server_version {
+            ctx.reply(
+                "version",
+                json!({"start": false, "message": "UI version not requested.", "version": null}),
+            );
+            return Ok(());
+        }
+        match current_version(&self.source, ctx).await {
+            Ok(Some(version)) => {
+                ctx.session_data().get::<Known>().changed_to(&version);
                 ctx.reply(
                     "version",
-                    json!({"start": false, "message": "UI version not requested.", "version": null}),
+                    json!({
+                        "start": true,
+                        "message": "The server will send the UI version when it changes.",
+                        "version": version,
+                    }),
                 );
-                return Ok(());
+                let source = self.source.clone();
+                ctx.register_loop(LoopFunction::new(LOOP, Cadence::Long, move |ctx| {
+                    version_loop(source.clone(), ctx)
+                }));
+                Ok(())
             }
-            match current_version(ctx).await {
-                Ok(Some(version)) => {
-                    ctx.session_data().get::<Known>().changed_to(&version);
-                    ctx.reply(
-                        "version",
-                        json!({
-                            "start": true,
-                            "message": "The server will send the UI version when it changes.",
-                            "version": version,
-                        }),
-                    );
-                    ctx.register_loop(LoopFunction::new(LOOP, Cadence::Long, version_loop));
-                    Ok(())
-                }
-                Ok(None) => {
-                    ctx.reply(
-                        "version",
-                        json!({"start": false, "message": "No UI version is configured.", "version": null}),
-                    );
-                    Ok(())
-                }
-                Err(e) => Err(CommandError::failed(format!("UI version unavailable: {e}"))),
+            Ok(None) => {
+                ctx.reply(
+                    "version",
+                    json!({"start": false, "message": "No UI version is configured.", "version": null}),
+                );
+                Ok(())
             }
-        })
+            Err(e) => Err(CommandError::failed(format!("UI version unavailable: {e}"))),
+        }
     }
 }
 
-async fn version_loop(ctx: Arc<dyn LoopContext>) -> Result<Vec<Notification>, LoopError> {
-    let Some(version) = current_version(ctx.as_ref()).await? else {
+async fn version_loop(
+    source: Arc<VersionSource>,
+    ctx: Arc<dyn LoopContext>,
+) -> Result<Vec<Notification>, LoopError> {
+    let Some(version) = current_version(&source, ctx.as_ref()).await? else {
         return Ok(vec![]);
     };
     if ctx.session_data().get::<Known>().changed_to(&version) {
@@ -101,14 +135,15 @@ async fn version_loop(ctx: Arc<dyn LoopContext>) -> Result<Vec<Notification>, Lo
     }
 }
 
-/// The deployed version: `ui_version`, else `ui_version_url`, else none.
-async fn current_version(ctx: &(impl LoopContext + ?Sized)) -> Result<Option<String>, LoopError> {
-    let settings: &Map<String, Value> = ctx.settings();
-    if let Some(v) = settings.get("ui_version").and_then(Value::as_str) {
-        return Ok(Some(v.to_owned()));
-    }
-    let Some(url) = settings.get("ui_version_url").and_then(Value::as_str) else {
-        return Ok(None);
+/// The deployed version, if one is configured.
+async fn current_version(
+    source: &VersionSource,
+    ctx: &(impl LoopContext + ?Sized),
+) -> Result<Option<String>, LoopError> {
+    let url = match source {
+        VersionSource::Fixed(v) => return Ok(Some(v.clone())),
+        VersionSource::None => return Ok(None),
+        VersionSource::Url(url) => url,
     };
     let resp = ctx.shared_get(url).await?;
     if resp.status != 200 {

@@ -41,12 +41,16 @@ use futures_util::stream::{self, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Map, Number, Value};
 
-use crate::command::{BoxFuture, Command, CommandError};
+use crate::command::{Command, CommandError};
 use crate::context::{BackendError, BackendResponse, Context, LoopContext, Notification};
 use crate::loops::{Cadence, LoopError, LoopFunction};
 use crate::settings;
 
-pub struct PullKgActivationStatus;
+/// `pullKgActivationStatus`, with its settings read once at start.
+#[derive(Default)]
+pub struct PullKgActivationStatus {
+    settings: Arc<Settings>,
+}
 
 /// Name of the short-loop function.
 pub const LOOP: &str = "kgActivation";
@@ -92,6 +96,12 @@ struct Settings {
     max_projects: usize,
 }
 
+impl Default for Settings {
+    fn default() -> Self {
+        Settings::read(&Map::new()).unwrap_or_else(|_| unreachable!("the defaults are valid"))
+    }
+}
+
 impl Settings {
     fn read(s: &Map<String, Value>) -> Result<Settings, String> {
         Ok(Settings {
@@ -107,57 +117,61 @@ impl Command for PullKgActivationStatus {
     const DOC: &'static str =
         "Tracks the knowledge-graph activation of projects; sends activation {message, projects: {id: progress}} to every tab when a progress changes (100 done, -2 error, -408 stalled).";
     const REQUIRED: &'static [&'static str] = &["projects"];
+    const SETTINGS: &'static [&'static str] =
+        &["kg_backend", "kg_stale_after_ms", "kg_max_projects"];
     type Params = Params;
 
-    fn handle<'a>(
-        &'a self,
-        p: Params,
-        ctx: &'a dyn Context,
-    ) -> BoxFuture<'a, Result<(), CommandError>> {
-        Box::pin(async move {
-            let s = Settings::read(ctx.settings()).map_err(CommandError::failed)?;
-            let ids = p
-                .projects
-                .iter()
-                .map(project_id)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(CommandError::BadParams)?;
-            let added = {
-                let tracked = ctx.session_data().get::<Tracked>();
-                let mut map = tracked.lock();
-                let new: Vec<&String> = ids.iter().filter(|id| !map.contains_key(*id)).collect();
-                if map.len() + new.len() > s.max_projects {
-                    return Err(CommandError::failed(format!(
-                        "too many projects tracked: at most {} at once",
-                        s.max_projects
-                    )));
-                }
-                let now = Instant::now();
-                for id in &new {
-                    map.insert(
-                        (*id).clone(),
-                        Project {
-                            progress: None,
-                            since: now,
-                        },
-                    );
-                }
-                new.len()
-            };
-            let registered = ctx.register_loop(LoopFunction::new(LOOP, Cadence::Short, poll));
-            if !registered && added > 0 {
-                ctx.run_loop_now(LOOP);
+    fn configure(&mut self, settings: &Map<String, Value>) -> Result<(), String> {
+        self.settings = Arc::new(Settings::read(settings)?);
+        Ok(())
+    }
+
+    async fn handle(&self, p: Params, ctx: &dyn Context) -> Result<(), CommandError> {
+        let s = &self.settings;
+        let ids = p
+            .projects
+            .iter()
+            .map(project_id)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(CommandError::BadParams)?;
+        let added = {
+            let tracked = ctx.session_data().get::<Tracked>();
+            let mut map = tracked.lock();
+            let new: Vec<&String> = ids.iter().filter(|id| !map.contains_key(*id)).collect();
+            if map.len() + new.len() > s.max_projects {
+                return Err(CommandError::failed(format!(
+                    "too many projects tracked: at most {} at once",
+                    s.max_projects
+                )));
             }
-            Ok(())
-        })
+            let now = Instant::now();
+            for id in &new {
+                map.insert(
+                    (*id).clone(),
+                    Project {
+                        progress: None,
+                        since: now,
+                    },
+                );
+            }
+            new.len()
+        };
+        let settings = self.settings.clone();
+        let registered = ctx.register_loop(LoopFunction::new(LOOP, Cadence::Short, move |ctx| {
+            poll(settings.clone(), ctx)
+        }));
+        if !registered && added > 0 {
+            ctx.run_loop_now(LOOP);
+        }
+        Ok(())
     }
 }
 
 /// A project id from the request: a non-negative integer, or a string safe in a URL path segment.
 fn project_id(v: &Value) -> Result<String, String> {
     let bad = || {
-        let mut shown = v.to_string();
-        shown.truncate(64);
+        // At most 64 characters, cut on a character boundary (a byte index could fall inside one).
+        let shown: String = v.to_string().chars().take(64).collect();
         format!(
             "'pullKgActivationStatus': invalid project id {shown}: expected a number or a string of 1-{MAX_ID_LEN} characters of [A-Za-z0-9_.%-]"
         )
@@ -207,8 +221,7 @@ fn outcome(r: Result<BackendResponse, BackendError>) -> Outcome {
 }
 
 /// One iteration (see the module documentation).
-async fn poll(ctx: Arc<dyn LoopContext>) -> Result<Vec<Notification>, LoopError> {
-    let s = Settings::read(ctx.settings()).map_err(LoopError)?;
+async fn poll(s: Arc<Settings>, ctx: Arc<dyn LoopContext>) -> Result<Vec<Notification>, LoopError> {
     let tracked = ctx.session_data().get::<Tracked>();
     let started = Instant::now();
     let due: Vec<String> = tracked

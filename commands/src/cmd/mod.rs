@@ -15,14 +15,14 @@ use crate::registry::Registry;
 
 /// Registers every built-in command.
 pub fn register_builtin(r: &mut Registry) {
-    r.register(init::Init);
+    r.register(init::Init::default());
     r.register(ping::Ping);
     r.register(authenticate::Authenticate);
     r.register(subscribe::Subscribe);
     r.register(unsubscribe::Unsubscribe);
     r.register(set_subscriptions::SetSubscriptions);
-    r.register(session_status::PullSessionStatus);
-    r.register(session_status::PullSessionStatusV2);
-    r.register(kg_activation::PullKgActivationStatus);
+    r.register(session_status::PullSessionStatus::default());
+    r.register(session_status::PullSessionStatusV2::default());
+    r.register(kg_activation::PullKgActivationStatus::default());
     r.register(visibility::Visibility);
 }

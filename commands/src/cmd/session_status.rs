@@ -34,10 +34,9 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
-use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use crate::command::{BoxFuture, Command, CommandError};
+use crate::command::{Command, CommandError, NoParams};
 use crate::context::{Context, LoopContext, Notification};
 use crate::loops::{Cadence, LoopError, LoopFunction};
 use crate::settings;
@@ -54,15 +53,39 @@ pub const DEFAULT_VOLATILE_FIELDS: &[&str] = &[
     "renku.io/hibernationDate",
 ];
 
-/// `pullSessionStatus {}`: the notebooks API (Renku v1).
-pub struct PullSessionStatus;
+/// `pullSessionStatus {}`: the notebooks API (Renku v1), with its settings read once at start.
+pub struct PullSessionStatus {
+    settings: Arc<Settings>,
+}
 
-/// `pullSessionStatusV2 {}`: the data services' sessions (Renku v2).
-pub struct PullSessionStatusV2;
+/// `pullSessionStatusV2 {}`: the data services' sessions (Renku v2), with its settings read once at start.
+pub struct PullSessionStatusV2 {
+    settings: Arc<Settings>,
+}
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Params {}
+impl Default for PullSessionStatus {
+    fn default() -> Self {
+        PullSessionStatus {
+            settings: Arc::new(Settings::defaults(&V1)),
+        }
+    }
+}
+
+impl Default for PullSessionStatusV2 {
+    fn default() -> Self {
+        PullSessionStatusV2 {
+            settings: Arc::new(Settings::defaults(&V2)),
+        }
+    }
+}
+
+/// The settings both commands read.
+const SETTINGS: &[&str] = &[
+    "sessions_backend",
+    "sessions_path",
+    "sessions_v2_path",
+    "session_volatile_fields",
+];
 
 /// What tells the two commands apart.
 #[derive(Debug)]
@@ -95,15 +118,17 @@ impl Command for PullSessionStatus {
     const NAME: &'static str = "pullSessionStatus";
     const DOC: &'static str =
         "Sends sessionStatus {message: \"true\"} to every tab when the user's sessions change; replies the current state at once.";
-    const REQUIRED: &'static [&'static str] = &[];
-    type Params = Params;
+    const SETTINGS: &'static [&'static str] = SETTINGS;
+    type Params = NoParams;
 
-    fn handle<'a>(
-        &'a self,
-        _: Params,
-        ctx: &'a dyn Context,
-    ) -> BoxFuture<'a, Result<(), CommandError>> {
-        Box::pin(pull(&V1, ctx))
+    fn configure(&mut self, settings: &Map<String, Value>) -> Result<(), String> {
+        self.settings = Arc::new(Settings::read(settings, &V1)?);
+        Ok(())
+    }
+
+    async fn handle(&self, _: NoParams, ctx: &dyn Context) -> Result<(), CommandError> {
+        pull(&V1, &self.settings, ctx);
+        Ok(())
     }
 }
 
@@ -111,33 +136,33 @@ impl Command for PullSessionStatusV2 {
     const NAME: &'static str = "pullSessionStatusV2";
     const DOC: &'static str =
         "Sends sessionStatusV2 {message: \"true\"} to every tab when the user's sessions change; replies the current state at once.";
-    const REQUIRED: &'static [&'static str] = &[];
-    type Params = Params;
+    const SETTINGS: &'static [&'static str] = SETTINGS;
+    type Params = NoParams;
 
-    fn handle<'a>(
-        &'a self,
-        _: Params,
-        ctx: &'a dyn Context,
-    ) -> BoxFuture<'a, Result<(), CommandError>> {
-        Box::pin(pull(&V2, ctx))
+    fn configure(&mut self, settings: &Map<String, Value>) -> Result<(), String> {
+        self.settings = Arc::new(Settings::read(settings, &V2)?);
+        Ok(())
+    }
+
+    async fn handle(&self, _: NoParams, ctx: &dyn Context) -> Result<(), CommandError> {
+        pull(&V2, &self.settings, ctx);
+        Ok(())
     }
 }
 
 /// Both commands: register the loop, or reply its snapshot.
-async fn pull(flavor: &'static Flavor, ctx: &dyn Context) -> Result<(), CommandError> {
-    // A misconfiguration is reported now rather than as a loop that can only fail.
-    Settings::read(ctx.settings(), flavor).map_err(CommandError::failed)?;
+fn pull(flavor: &'static Flavor, settings: &Arc<Settings>, ctx: &dyn Context) {
+    let settings = settings.clone();
     let registered = ctx.register_loop(LoopFunction::new(
         flavor.loop_name,
         Cadence::Short,
-        move |ctx| poll(flavor, ctx),
+        move |ctx| poll(flavor, settings.clone(), ctx),
     ));
     if !registered {
         for n in ctx.snapshot(flavor.loop_name).unwrap_or_default() {
             ctx.reply(&n.kind, n.data);
         }
     }
-    Ok(())
 }
 
 struct Settings {
@@ -147,6 +172,11 @@ struct Settings {
 }
 
 impl Settings {
+    fn defaults(flavor: &Flavor) -> Settings {
+        Settings::read(&Map::new(), flavor)
+            .unwrap_or_else(|_| unreachable!("the defaults are valid"))
+    }
+
     fn read(s: &Map<String, Value>, flavor: &Flavor) -> Result<Settings, String> {
         let path = settings::string(s, flavor.path_setting, flavor.default_path)?;
         if !path.starts_with('/') {
@@ -179,9 +209,9 @@ impl Fingerprints {
 /// leaves the fingerprint untouched.
 async fn poll(
     flavor: &'static Flavor,
+    s: Arc<Settings>,
     ctx: Arc<dyn LoopContext>,
 ) -> Result<Vec<Notification>, LoopError> {
-    let s = Settings::read(ctx.settings(), flavor).map_err(LoopError)?;
     let resp = ctx.backend_get(&s.backend, &s.path).await?;
     if !(200..300).contains(&resp.status) {
         return Err(LoopError(format!(

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::command::{BoxFuture, Command, CommandError};
+use crate::command::{Command, CommandError};
 use crate::context::Context;
 use crate::topic::Topic;
 
@@ -26,47 +26,41 @@ impl Command for SetSubscriptions {
     const REQUIRED: &'static [&'static str] = &["topics"];
     type Params = Params;
 
-    fn handle<'a>(
-        &'a self,
-        p: Params,
-        ctx: &'a dyn Context,
-    ) -> BoxFuture<'a, Result<(), CommandError>> {
-        Box::pin(async move {
-            let mut wanted = BTreeSet::new();
-            let mut bad = Vec::new();
-            for t in &p.topics {
-                match Topic::parse(t) {
-                    Ok(topic) => {
-                        wanted.insert(topic);
-                    }
-                    Err(e) => bad.push(e),
+    async fn handle(&self, p: Params, ctx: &dyn Context) -> Result<(), CommandError> {
+        let mut wanted = BTreeSet::new();
+        let mut bad = Vec::new();
+        for t in &p.topics {
+            match Topic::parse(t) {
+                Ok(topic) => {
+                    wanted.insert(topic);
                 }
+                Err(e) => bad.push(e),
             }
-            if !bad.is_empty() {
-                return Err(CommandError::BadParams(bad.join("; ")));
+        }
+        if !bad.is_empty() {
+            return Err(CommandError::BadParams(bad.join("; ")));
+        }
+        let current: BTreeSet<Topic> = ctx.subscriptions().into_iter().collect();
+        let mut removed = Vec::new();
+        for t in current.difference(&wanted) {
+            if ctx.unsubscribe(t) {
+                removed.push(t.to_string());
             }
-            let current: BTreeSet<Topic> = ctx.subscriptions().into_iter().collect();
-            let mut removed = Vec::new();
-            for t in current.difference(&wanted) {
-                if ctx.unsubscribe(t) {
-                    removed.push(t.to_string());
-                }
+        }
+        let mut added = Vec::new();
+        let mut failed = Vec::new();
+        for t in wanted.difference(&current) {
+            match ctx.subscribe(t, None, None) {
+                Ok(true) => added.push(t.to_string()),
+                Ok(false) => {}
+                Err(e) => failed.push(json!({"topic": t.to_string(), "message": e.message()})),
             }
-            let mut added = Vec::new();
-            let mut failed = Vec::new();
-            for t in wanted.difference(&current) {
-                match ctx.subscribe(t, None, &|_| None) {
-                    Ok(true) => added.push(t.to_string()),
-                    Ok(false) => {}
-                    Err(e) => failed.push(json!({"topic": t.to_string(), "message": e.message()})),
-                }
-            }
-            let topics: Vec<String> = ctx.subscriptions().iter().map(Topic::to_string).collect();
-            ctx.reply(
-                "subscriptions",
-                json!({"added": added, "removed": removed, "topics": topics, "failed": failed}),
-            );
-            Ok(())
-        })
+        }
+        let topics: Vec<String> = ctx.subscriptions().iter().map(Topic::to_string).collect();
+        ctx.reply(
+            "subscriptions",
+            json!({"added": added, "removed": removed, "topics": topics, "failed": failed}),
+        );
+        Ok(())
     }
 }

@@ -7,7 +7,7 @@
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::command::{BoxFuture, Command, CommandError};
+use crate::command::{Command, CommandError};
 use crate::context::{Context, Notification};
 use crate::topic::Topic;
 
@@ -29,21 +29,12 @@ impl Command for Subscribe {
     const OPTIONAL: &'static [&'static str] = &["lastEventId"];
     type Params = Params;
 
-    fn handle<'a>(
-        &'a self,
-        p: Params,
-        ctx: &'a dyn Context,
-    ) -> BoxFuture<'a, Result<(), CommandError>> {
-        Box::pin(async move {
-            let topic = Topic::parse(&p.topic).map_err(CommandError::BadParams)?;
-            let name = topic.to_string();
-            ctx.subscribe(&topic, p.last_event_id.as_deref(), &|added| {
-                Some(Notification::new(
-                    "subscribed",
-                    json!({"topic": name, "added": added}),
-                ))
-            })?;
-            Ok(())
-        })
+    async fn handle(&self, p: Params, ctx: &dyn Context) -> Result<(), CommandError> {
+        let topic = Topic::parse(&p.topic).map_err(CommandError::BadParams)?;
+        let name = topic.to_string();
+        // The engine adds `added` and queues the reply before any event of the topic.
+        let reply = Notification::new("subscribed", json!({"topic": name}));
+        ctx.subscribe(&topic, p.last_event_id.as_deref(), Some(reply))?;
+        Ok(())
     }
 }

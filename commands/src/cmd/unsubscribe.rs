@@ -4,7 +4,7 @@
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::command::{BoxFuture, Command, CommandError};
+use crate::command::{Command, CommandError};
 use crate::context::Context;
 use crate::topic::Topic;
 
@@ -22,19 +22,13 @@ impl Command for Unsubscribe {
     const REQUIRED: &'static [&'static str] = &["topic"];
     type Params = Params;
 
-    fn handle<'a>(
-        &'a self,
-        p: Params,
-        ctx: &'a dyn Context,
-    ) -> BoxFuture<'a, Result<(), CommandError>> {
-        Box::pin(async move {
-            let topic = Topic::parse(&p.topic).map_err(CommandError::BadParams)?;
-            let removed = ctx.unsubscribe(&topic);
-            ctx.reply(
-                "unsubscribed",
-                json!({"topic": topic.to_string(), "removed": removed}),
-            );
-            Ok(())
-        })
+    async fn handle(&self, p: Params, ctx: &dyn Context) -> Result<(), CommandError> {
+        let topic = Topic::parse(&p.topic).map_err(CommandError::BadParams)?;
+        let removed = ctx.unsubscribe(&topic);
+        ctx.reply(
+            "unsubscribed",
+            json!({"topic": topic.to_string(), "removed": removed}),
+        );
+        Ok(())
     }
 }

@@ -7,7 +7,7 @@
 
 use serde::Deserialize;
 
-use crate::command::{BoxFuture, Command, CommandError};
+use crate::command::{Command, CommandError};
 use crate::context::Context;
 
 pub struct Visibility;
@@ -25,14 +25,8 @@ impl Command for Visibility {
     const REQUIRED: &'static [&'static str] = &["hidden"];
     type Params = Params;
 
-    fn handle<'a>(
-        &'a self,
-        p: Params,
-        ctx: &'a dyn Context,
-    ) -> BoxFuture<'a, Result<(), CommandError>> {
-        Box::pin(async move {
-            ctx.set_hidden(p.hidden);
-            Ok(())
-        })
+    async fn handle(&self, p: Params, ctx: &dyn Context) -> Result<(), CommandError> {
+        ctx.set_hidden(p.hidden);
+        Ok(())
     }
 }

@@ -1,0 +1,63 @@
+//! Delivery on this instance: what every instance does with a batch that comes back from the broker.
+//!
+//! Registered on the broker by the app as its [`BatchHandler`], so the broker knows nothing of hubs or sessions.
+
+use std::sync::Arc;
+
+use tabhub_commands::Topic;
+
+use crate::hub::Hub;
+use crate::protocol;
+use crate::publish::broker::BatchHandler;
+use crate::publish::message::{Message, Target};
+use crate::services::Services;
+
+/// Delivers published batches to this instance's tabs.
+pub struct Delivery {
+    pub hub: Arc<Hub>,
+    pub services: Arc<Services>,
+}
+
+impl BatchHandler for Delivery {
+    fn deliver(&self, messages: &[Message]) {
+        let (services, hub) = (&self.services, &self.hub);
+        for m in messages {
+            match &m.target {
+                Target::User(user) => {
+                    let msg = protocol::encode_published("user", &m.kind, &m.data, &m.id, None);
+                    if let Some(s) = hub.get(user) {
+                        s.send_all(&msg);
+                    }
+                    services.metrics.published.inc(&["user"]);
+                }
+                Target::Broadcast(_) => {
+                    let msg =
+                        protocol::encode_published("broadcast", &m.kind, &m.data, &m.id, None);
+                    for s in hub.all() {
+                        s.send_all(&msg);
+                    }
+                    services.metrics.published.inc(&["broadcast"]);
+                }
+                Target::Topic(name) => {
+                    let msg =
+                        protocol::encode_published("topic", &m.kind, &m.data, &m.id, Some(name));
+                    let topic = Topic::Channel(name.clone());
+                    // Without a buffer (every buffered channel is held by others) nobody holds this channel.
+                    if let Some(buffer) = services.channels.buffer(name) {
+                        let mut b = buffer.lock().unwrap_or_else(|p| p.into_inner());
+                        if b.messages.len() >= services.config.publish.buffer_events {
+                            b.messages.pop_front();
+                        }
+                        b.messages.push_back((m.id.clone(), msg.clone()));
+                        for user in services.channels.holders(name) {
+                            if let Some(s) = hub.get(&user) {
+                                s.deliver_to_holders(&topic, &msg);
+                            }
+                        }
+                    }
+                    services.metrics.published.inc(&["topic"]);
+                }
+            }
+        }
+    }
+}

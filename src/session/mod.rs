@@ -1,0 +1,698 @@
+//! A user's session: shared by all the user's tabs, it holds the membership (tabs), the newest token
+//! ([`token`]), the loop functions and their snapshots ([`loops`]), the topics and upstream streams
+//! ([`streams`]), and the command state ([`SessionData`]). This file holds the membership and the fan-out, and
+//! implements what the lower modules ask of a session: [`LoopHost`], [`TokenHolder`], [`StreamSink`],
+//! [`TokenSource`], and the commands' [`LoopContext`].
+//!
+//! State lives behind one short-held mutex, never held across an `.await`. The global lock order is in
+//! `docs/architecture.md`: hub, then a channel's buffer, then session, then tab. This makes "attach a tab" and
+//! "stop after the linger" atomic with respect to each other, so a user can never have two sessions or two copies
+//! of a loop (see [`crate::hub`]).
+
+pub(crate) mod loops;
+pub(crate) mod streams;
+pub(crate) mod token;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tabhub_commands::{
+    BackendError, BackendResponse, BoxFuture, Cadence, LoopContext, LoopFunction, Notification,
+    SessionData, Topic, User,
+};
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tracing::Instrument;
+
+use crate::auth::{AuthError, Verified};
+use crate::backends::TokenSource;
+use crate::close_codes::{self, CloseCode};
+use crate::custody::{Custody, CustodyError};
+use crate::metrics::Metrics;
+use crate::protocol;
+use crate::publish::channels::Buffer;
+use crate::services::Services;
+use crate::subscriptions::{Action, Limits, SubscribeError, Subscriptions};
+use crate::tab::Tab;
+use crate::upstream::StreamSink;
+use loops::{LoopHost, Loops};
+use token::{TokenCell, TokenHolder};
+
+struct Inner {
+    tabs: Vec<Arc<Tab>>,
+    /// Bumped on every attach and on every detach that empties the session, so that a linger timer can tell
+    /// whether the session stayed empty since it started.
+    generation: u64,
+    stopped: bool,
+    loops: Loops,
+    /// Tasks that die with the session (token expiry watcher...).
+    tasks: Vec<AbortHandle>,
+    subs: Subscriptions,
+}
+
+/// Why a tab could not join.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttachError {
+    /// The session stopped meanwhile; the hub creates a new one.
+    Stopped,
+    /// The user already has the maximum number of tabs.
+    TooManyTabs,
+}
+
+/// A reply to queue to the subscribing tab atomically with the subscription: `data` gets `added`.
+pub struct SubscribeReply<'a> {
+    pub note: Notification,
+    /// The request's `id`, echoed.
+    pub id: Option<&'a Value>,
+}
+
+impl SubscribeReply<'_> {
+    fn encode(self, added: bool) -> Utf8Bytes {
+        let mut data = self.note.data;
+        if let Value::Object(m) = &mut data {
+            m.insert("added".into(), Value::Bool(added));
+        }
+        protocol::encode(&self.note.kind, &data, self.id)
+    }
+}
+
+pub struct Session {
+    pub user: User,
+    /// The session's tracing span: tabs, loops and upstream streams log under it (user id only, never tokens or
+    /// session ids).
+    pub span: tracing::Span,
+    services: Arc<Services>,
+    data: SessionData,
+    inner: Mutex<Inner>,
+    token: TokenCell,
+}
+
+impl Session {
+    pub(crate) fn new(services: Arc<Services>, user: User) -> Arc<Session> {
+        let session = Arc::new(Session {
+            span: tracing::info_span!("session", user = %user.id),
+            user,
+            services,
+            data: SessionData::default(),
+            inner: Mutex::new(Inner {
+                tabs: Vec::new(),
+                generation: 0,
+                stopped: false,
+                loops: Loops::default(),
+                tasks: Vec::new(),
+                subs: Subscriptions::default(),
+            }),
+            token: TokenCell::default(),
+        });
+        let watcher = tokio::spawn(token::watch_expiry(
+            Arc::downgrade(&session),
+            session.token.changes(),
+        ))
+        .abort_handle();
+        session.lock().tasks.push(watcher);
+        session.services.metrics.sessions.inc();
+        tracing::debug!(user = %session.user.id, "session started");
+        session
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn services(&self) -> &Arc<Services> {
+        &self.services
+    }
+
+    pub fn data(&self) -> &SessionData {
+        &self.data
+    }
+
+    // ---- membership ----
+
+    /// Adds a tab, offers its token, and queues `greeting` then the loop snapshots to it.
+    pub(crate) fn attach(
+        &self,
+        tab: &Arc<Tab>,
+        token: &Verified,
+        greeting: &Utf8Bytes,
+    ) -> Result<(), AttachError> {
+        let mut inner = self.lock();
+        if inner.stopped {
+            return Err(AttachError::Stopped);
+        }
+        let max = self.services.config.limits.max_tabs_per_user;
+        if max > 0 && inner.tabs.len() >= max {
+            return Err(AttachError::TooManyTabs);
+        }
+        if inner.tabs.is_empty() && inner.generation > 0 {
+            self.services.metrics.lingering_sessions.dec();
+        }
+        // A visible tab joining tabs that are all hidden restores the short pace at once, as un-hiding does.
+        let all_hidden = all_hidden(&inner.tabs);
+        inner.tabs.push(tab.clone());
+        inner.generation += 1;
+        tab.send(greeting.clone());
+        for n in inner.loops.snapshots() {
+            tab.send(protocol::encode(&n.kind, &n.data, None));
+        }
+        if all_hidden && !tab.is_hidden() {
+            inner.loops.wake_short();
+        }
+        drop(inner);
+        self.token.offer(token);
+        Ok(())
+    }
+
+    /// Removes a tab and releases its topics. Returns the generation to linger on when it was the last.
+    ///
+    /// Upstream streams the tab alone held are kept for `session.linger_ms` (a reload takes them back without
+    /// reconnecting), then swept; a session that stops meanwhile stops them all.
+    pub(crate) fn detach(self: &Arc<Self>, tab_id: u64) -> Option<u64> {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        let (kept, channels) = inner.subs.release_tab(tab_id, now);
+        if !kept.is_empty() {
+            let grace = Duration::from_millis(self.services.config.session.linger_ms);
+            let session = Arc::downgrade(self);
+            tokio::spawn(async move {
+                // Never earlier than `now + grace` (tokio's timers do not fire early), so the sweep finds it due.
+                tokio::time::sleep_until((now + grace).into()).await;
+                if let Some(s) = session.upgrade() {
+                    s.lock().subs.sweep(Instant::now(), grace);
+                }
+            });
+        }
+        for c in channels {
+            if !inner.subs.holds(&c) {
+                self.services
+                    .channels
+                    .remove_holder(&c.to_string(), &self.user.id);
+            }
+        }
+        let before = inner.tabs.len();
+        inner.tabs.retain(|t| t.id != tab_id);
+        if before != inner.tabs.len() && inner.tabs.is_empty() && !inner.stopped {
+            inner.generation += 1;
+            self.services.metrics.lingering_sessions.inc();
+            Some(inner.generation)
+        } else {
+            None
+        }
+    }
+
+    /// Stops the session if it is still empty since `generation`: aborts its loops and tasks. Called by the hub
+    /// under the hub's lock.
+    pub(crate) fn try_stop(&self, generation: u64) -> bool {
+        let mut inner = self.lock();
+        if inner.stopped || !inner.tabs.is_empty() || inner.generation != generation {
+            return false;
+        }
+        self.stop_locked(&mut inner);
+        self.services.metrics.lingering_sessions.dec();
+        true
+    }
+
+    /// Stops at once, closing every tab with `code` (drain, logout).
+    pub(crate) fn stop_now(&self, code: CloseCode, reason: &str) -> bool {
+        let mut inner = self.lock();
+        if inner.stopped {
+            return false;
+        }
+        if inner.tabs.is_empty() && inner.generation > 0 {
+            self.services.metrics.lingering_sessions.dec();
+        }
+        for t in inner.tabs.drain(..) {
+            t.close(code, reason);
+        }
+        self.stop_locked(&mut inner);
+        true
+    }
+
+    fn stop_locked(&self, inner: &mut Inner) {
+        inner.stopped = true;
+        inner.loops.abort_all();
+        for t in inner.tasks.drain(..) {
+            t.abort();
+        }
+        for tab in inner.tabs.iter().map(|t| t.id).collect::<Vec<_>>() {
+            for c in inner.subs.release_tab(tab, Instant::now()).1 {
+                self.services
+                    .channels
+                    .remove_holder(&c.to_string(), &self.user.id);
+            }
+        }
+        inner.subs.stop_all();
+        self.services.metrics.sessions.dec();
+        tracing::debug!(user = %self.user.id, "session stopped");
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.lock().stopped
+    }
+
+    /// The session's tabs now.
+    pub fn tabs(&self) -> Vec<Arc<Tab>> {
+        self.lock().tabs.clone()
+    }
+
+    pub fn tab_count(&self) -> usize {
+        self.lock().tabs.len()
+    }
+
+    // ---- fan-out ----
+
+    /// Sends a message to every tab of the user; serialized once.
+    pub fn broadcast(&self, kind: &str, data: &Value) {
+        self.send_all(&protocol::encode(kind, data, None));
+    }
+
+    /// Sends encoded bytes to every tab of the user.
+    pub fn send_all(&self, msg: &Utf8Bytes) {
+        for t in &self.lock().tabs {
+            t.send(msg.clone());
+        }
+    }
+
+    /// Sends encoded bytes to the tabs holding `topic`.
+    pub fn deliver_to_holders(&self, topic: &Topic, msg: &Utf8Bytes) {
+        let inner = self.lock();
+        let holders = inner.subs.tabs_holding(topic);
+        for t in inner.tabs.iter().filter(|t| holders.contains(&t.id)) {
+            t.send(msg.clone());
+        }
+    }
+
+    /// Sends `kind data` to the tabs of one login (token custody), then closes them with `code`.
+    pub fn close_source(&self, source: &str, kind: &str, data: Value, code: CloseCode) {
+        let msg = protocol::encode(kind, &data, None);
+        for t in self
+            .lock()
+            .tabs
+            .iter()
+            .filter(|t| t.source.as_deref() == Some(source))
+        {
+            t.send(msg.clone());
+            t.close(code, code.name);
+        }
+    }
+
+    /// The logins of the tabs, current token's first: where a refresh may come from.
+    fn sources(&self, first: Option<&Arc<str>>) -> Vec<Arc<str>> {
+        let mut out: Vec<Arc<str>> = first.into_iter().cloned().collect();
+        for t in &self.lock().tabs {
+            if let Some(s) = &t.source {
+                if !out.contains(s) {
+                    out.push(s.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// Closes every tab with `code` (they detach themselves as their connections end).
+    pub fn close_all(&self, code: CloseCode, reason: &str) {
+        for t in &self.lock().tabs {
+            t.close(code, reason);
+        }
+    }
+
+    // ---- token ----
+
+    /// Makes `token` the session's token if it expires later than the current one.
+    pub fn offer_token(&self, token: &Verified) {
+        self.token.offer(token);
+    }
+
+    /// The newest token, if it has not expired.
+    pub fn valid_token(&self) -> Option<Verified> {
+        self.token.valid()
+    }
+
+    // ---- loops ----
+
+    /// Registers a loop function; false when one of that name exists or the session stopped.
+    pub fn register_loop(self: &Arc<Self>, function: LoopFunction) -> bool {
+        let mut inner = self.lock();
+        if inner.stopped {
+            return false;
+        }
+        let span = tracing::info_span!(parent: &self.span, "loop", function = %function.name);
+        inner.loops.register(&function.clone(), |wake| {
+            loops::spawn(self, function, wake, span)
+        })
+    }
+
+    pub fn snapshot(&self, name: &str) -> Option<Vec<Notification>> {
+        self.lock().loops.snapshot(name)
+    }
+
+    pub fn run_loop_now(&self, name: &str) {
+        self.lock().loops.wake(name);
+    }
+
+    /// Marks a tab hidden or visible; when the first tab becomes visible again, the short loops run at once.
+    pub fn set_hidden(&self, tab: &Tab, hidden: bool) {
+        let inner = self.lock();
+        let was_all_hidden = all_hidden(&inner.tabs);
+        if tab.set_hidden(hidden) && was_all_hidden && !hidden {
+            inner.loops.wake_short();
+        }
+    }
+
+    // ---- subscriptions ----
+
+    fn sub_limits(&self) -> Limits {
+        let g = &self.services.config.gitlab;
+        Limits {
+            topics_per_tab: g.max_topics_per_tab,
+            projects_per_user: g.max_projects_per_user,
+            buffer: g.replay_buffer_events,
+        }
+    }
+
+    /// Subscribes `tab` to a project topic, resuming after `last_event_id` when given. Under the session's lock,
+    /// so that no live event can come between: the reply is queued first, then the events the tab missed that
+    /// are still in the replay buffer.
+    pub fn subscribe(
+        self: &Arc<Self>,
+        tab: &Tab,
+        topic: &Topic,
+        last_event_id: Option<&str>,
+        reply: Option<SubscribeReply<'_>>,
+    ) -> Result<bool, SubscribeError> {
+        let limits = self.sub_limits();
+        let mut inner = self.lock();
+        if inner.stopped {
+            return Ok(false);
+        }
+        let (added, replay, action) = inner.subs.subscribe(tab.id, topic, last_event_id, limits)?;
+        if let Some(r) = reply {
+            tab.send(r.encode(added));
+        }
+        for msg in replay {
+            tab.send(msg);
+        }
+        if let Some(a) = action {
+            self.apply(&mut inner, a);
+        }
+        Ok(added)
+    }
+
+    /// Subscribes `tab` to a publish-only channel. Holds the channel's buffer (before the session, as the lock
+    /// order says) so that no published message can come between the replay and the registration.
+    pub fn subscribe_channel(
+        &self,
+        tab: &Tab,
+        topic: &Topic,
+        last_event_id: Option<&str>,
+        reply: Option<SubscribeReply<'_>>,
+        buffer: &Mutex<Buffer>,
+    ) -> Result<bool, SubscribeError> {
+        let buffer = buffer.lock().unwrap_or_else(|p| p.into_inner());
+        let limits = self.sub_limits();
+        let mut inner = self.lock();
+        if inner.stopped {
+            return Ok(false);
+        }
+        let (added, _, _) = inner.subs.subscribe(tab.id, topic, last_event_id, limits)?;
+        self.services
+            .channels
+            .add_holder(&topic.to_string(), &self.user.id);
+        if let Some(r) = reply {
+            tab.send(r.encode(added));
+        }
+        if let Some(missed) = last_event_id.and_then(|id| buffer.after(id)) {
+            for msg in missed {
+                tab.send(msg);
+            }
+        }
+        Ok(added)
+    }
+
+    /// Releases `tab`'s hold on `topic`; the last release closes the project's stream.
+    pub fn unsubscribe(&self, tab: &Tab, topic: &Topic) -> bool {
+        let mut inner = self.lock();
+        let removed = inner.subs.unsubscribe(tab.id, topic).0;
+        if removed && matches!(topic, Topic::Channel(_)) && !inner.subs.holds(topic) {
+            self.services
+                .channels
+                .remove_holder(&topic.to_string(), &self.user.id);
+        }
+        removed
+    }
+
+    /// The topics a tab holds.
+    pub fn topics_of(&self, tab: &Tab) -> Vec<Topic> {
+        self.lock().subs.topics_of(tab.id)
+    }
+
+    /// Reopens every upstream stream with the newest token, resuming after the last event (after a refresh).
+    pub fn rebuild_streams(self: &Arc<Self>) {
+        let mut inner = self.lock();
+        for a in inner.subs.restart_all() {
+            self.apply(&mut inner, a);
+        }
+    }
+
+    fn apply(self: &Arc<Self>, inner: &mut Inner, action: Action) {
+        let Action::Start {
+            project,
+            filter,
+            generation,
+            ..
+        } = action;
+        let span = tracing::info_span!(parent: &self.span, "upstream", project = %project);
+        let sink: Arc<dyn StreamSink> = self.clone();
+        let task = tokio::spawn(
+            crate::upstream::run(
+                self.services.upstream.clone(),
+                Arc::downgrade(&sink),
+                project.clone(),
+                filter,
+                generation,
+            )
+            .instrument(span),
+        )
+        .abort_handle();
+        if let Some(s) = inner.subs.stream_mut(&project) {
+            s.task = Some(task);
+        }
+    }
+
+    // ---- token renewal ----
+
+    /// After the realm withdrew a signing key: when the session's token no longer verifies, renews it through token
+    /// custody if the tabs came that way, else tells the tabs and closes them with 4002 (get a new token, then
+    /// reconnect). A realm that cannot be reached changes nothing.
+    pub(crate) async fn recheck_token(self: &Arc<Self>) {
+        let Some(current) = self.valid_token() else {
+            return;
+        };
+        let why = match self.services.realm.verify_uncached(&current.token).await {
+            Err(AuthError::Invalid(why)) => why,
+            _ => return,
+        };
+        if let Some(custody) = self.services.custody.clone() {
+            let sources = self.sources(current.source.as_ref());
+            if !sources.is_empty() && self.refresh_from(&custody, &sources).await {
+                return;
+            }
+        }
+        tracing::info!(user = %self.user.id, why, "session token no longer verifies");
+        self.end_for_token(
+            &format!("Your access token is no longer valid ({why})."),
+            "token no longer valid",
+        );
+    }
+
+    /// The session's token is unusable and could not be renewed: every tab is told (`error {authExpired}`) and
+    /// closed with 4002, so that clients get a new token and reconnect.
+    fn end_for_token(&self, message: &str, reason: &str) {
+        self.broadcast("error", &json!({"message": message, "authExpired": true}));
+        self.close_all(close_codes::TOKEN_EXPIRED, reason);
+    }
+
+    /// Refreshes the session's token through one of its logins. A login whose refresh token is refused has its
+    /// tabs told and closed (4002) and the next one is tried. True when a fresh token was installed; false when
+    /// the identity provider could not be reached (or no login is left).
+    async fn refresh_from(self: &Arc<Self>, custody: &Custody, sources: &[Arc<str>]) -> bool {
+        for src in sources {
+            match custody.refresh(src).await {
+                Ok(_) => match custody.fresh_token(src).await {
+                    Ok(v) => {
+                        self.token.renew(&v);
+                        self.rebuild_streams();
+                        return true;
+                    }
+                    Err(_) => continue,
+                },
+                Err(CustodyError::Rejected | CustodyError::NoSession) => {
+                    self.close_source(
+                        src,
+                        "error",
+                        json!({"message": "Your login expired; log in again.", "authExpired": true}),
+                        close_codes::TOKEN_EXPIRED,
+                    );
+                }
+                Err(_) => return false,
+            }
+        }
+        false
+    }
+}
+
+fn all_hidden(tabs: &[Arc<Tab>]) -> bool {
+    !tabs.is_empty() && tabs.iter().all(|t| t.is_hidden())
+}
+
+impl TokenHolder for Session {
+    fn refresh_tolerance(&self, current: &Verified) -> Option<u64> {
+        let custody = self.services.custody.as_ref()?;
+        let can_refresh = !self.sources(current.source.as_ref()).is_empty();
+        can_refresh.then(|| custody.config().refresh_tolerance_ms.div_ceil(1000))
+    }
+
+    fn warn_margin(&self) -> u64 {
+        self.services.config.auth.expiry_warning_ms / 1000
+    }
+
+    fn warn(&self, expires_in: u64) {
+        self.broadcast("authExpiring", &json!({"expiresIn": expires_in}));
+    }
+
+    async fn refresh(self: Arc<Self>, current: Verified) -> bool {
+        let Some(custody) = self.services.custody.clone() else {
+            return false;
+        };
+        let sources = self.sources(current.source.as_ref());
+        self.refresh_from(&custody, &sources).await
+    }
+
+    async fn expire(self: Arc<Self>, current: Verified) {
+        tracing::info!(user = %self.user.id, "session token expired without renewal");
+        self.end_for_token("Your session's access token expired.", "token expired");
+        if let (Some(custody), Some(src)) = (&self.services.custody, &current.source) {
+            custody.store().remove(src).await;
+        }
+    }
+}
+
+impl LoopHost for Session {
+    fn interval(&self, cadence: Cadence) -> Duration {
+        let s = &self.services.config.session;
+        match cadence {
+            Cadence::Long => Duration::from_millis(s.long_interval_ms),
+            Cadence::Short if all_hidden(&self.lock().tabs) => {
+                Duration::from_millis(s.hidden_interval_ms)
+            }
+            Cadence::Short => Duration::from_millis(s.short_interval_ms),
+        }
+    }
+
+    fn has_token(&self) -> bool {
+        self.token.valid().is_some()
+    }
+
+    fn loop_context(self: Arc<Self>) -> Arc<dyn LoopContext> {
+        self
+    }
+
+    fn finished(&self, name: &str, outcome: Result<Vec<Notification>, String>) {
+        let mut inner = self.lock();
+        let Inner { tabs, loops, .. } = &mut *inner;
+        for n in loops.finish(name, outcome) {
+            let msg = protocol::encode(&n.kind, &n.data, None);
+            for t in tabs.iter() {
+                t.send(msg.clone());
+            }
+        }
+    }
+
+    fn loop_timeout(&self) -> Duration {
+        Duration::from_millis(self.services.config.session.loop_timeout_ms)
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.services.metrics
+    }
+}
+
+impl TokenSource for Session {
+    fn bearer(&self) -> Option<Arc<str>> {
+        self.token.valid().map(|t| t.token)
+    }
+}
+
+impl StreamSink for Session {
+    fn bearer(&self) -> Option<Arc<str>> {
+        self.token.valid().map(|t| t.token)
+    }
+
+    fn token_changes(&self) -> watch::Receiver<Option<Verified>> {
+        self.token.changes()
+    }
+
+    fn resume_id(&self, project: &str) -> Option<String> {
+        self.lock().subs.resume_id(project)
+    }
+
+    fn opened(&self, project: &str, generation: u64) {
+        let mut inner = self.lock();
+        let Inner { tabs, subs, .. } = &mut *inner;
+        streams::opened(subs, tabs, project, generation);
+    }
+
+    fn event(&self, project: &str, generation: u64, id: &str, event_type: &str, data: &str) {
+        let cap = self.services.config.gitlab.replay_buffer_events;
+        let mut inner = self.lock();
+        let Inner { tabs, subs, .. } = &mut *inner;
+        streams::event(subs, tabs, project, generation, (id, event_type, data), cap);
+    }
+
+    fn degraded(&self, project: &str, generation: u64, why: &str) {
+        let mut inner = self.lock();
+        let Inner { tabs, subs, .. } = &mut *inner;
+        if streams::degraded(subs, tabs, project, generation, why) {
+            tracing::info!(user = %self.user.id, project, reason = why, "upstream stream degraded");
+        }
+    }
+
+    fn unauthorized(&self, project: &str, generation: u64) {
+        let inner = self.lock();
+        streams::unauthorized(&inner.subs, &inner.tabs, project, generation);
+    }
+
+    fn refused(&self, project: &str, generation: u64, status: u16, message: &str) {
+        let mut inner = self.lock();
+        let Inner { tabs, subs, .. } = &mut *inner;
+        streams::refused(subs, tabs, project, generation, (status, message));
+    }
+}
+
+/// A loop function's context is its session: the user, the command state, backend calls with the session's token.
+impl LoopContext for Session {
+    fn user(&self) -> &User {
+        &self.user
+    }
+
+    fn session_data(&self) -> &SessionData {
+        &self.data
+    }
+
+    fn backend_get<'a>(
+        &'a self,
+        backend: &'a str,
+        path: &'a str,
+    ) -> BoxFuture<'a, Result<BackendResponse, BackendError>> {
+        Box::pin(self.services.backends.get_as_user(backend, path, self))
+    }
+
+    fn shared_get<'a>(
+        &'a self,
+        url: &'a str,
+    ) -> BoxFuture<'a, Result<BackendResponse, BackendError>> {
+        Box::pin(self.services.backends.shared_get(url))
+    }
+}
