@@ -33,6 +33,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod publish;
 pub mod rate;
+pub mod responses;
 pub mod server;
 pub mod services;
 pub mod session;

@@ -280,3 +280,17 @@ where
         Err(_) => Written::Blocked,
     }
 }
+
+#[cfg(test)]
+impl Outbox {
+    /// Everything queued so far, parsed, for unit tests with a fake tab (no socket).
+    pub(crate) fn drain(&mut self) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        while let Ok(m) = self.queue.try_recv() {
+            if let Ok(v) = serde_json::from_str(m.as_str()) {
+                out.push(v);
+            }
+        }
+        out
+    }
+}

@@ -445,4 +445,22 @@ fn the_cli_describes_commands_and_names_bad_config_keys() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("session.linger_ms"), "{err}");
+
+    // Command settings are checked once, at start: a wrong value or a key no command reads fails naming it.
+    let base = "listen = \"127.0.0.1:0\"\n[auth]\nissuer = \"https://kc.example/realms/r\"\nclient_ids = [\"ui\"]\n";
+    for (commands, named) in [
+        ("kg_stale_after_ms = \"soon\"", "kg_stale_after_ms"),
+        ("kg_stale_afte_ms = 1", "commands.kg_stale_afte_ms"),
+        ("sessions_path = \"notebooks\"", "sessions_path"),
+    ] {
+        std::fs::write(&path, format!("{base}[commands]\n{commands}\n")).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tabhub"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{commands} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(named), "{commands}: {err}");
+    }
 }

@@ -21,15 +21,6 @@ pub enum Cadence {
     Long,
 }
 
-impl Cadence {
-    pub fn label(self) -> &'static str {
-        match self {
-            Cadence::Short => "short",
-            Cadence::Long => "long",
-        }
-    }
-}
-
 /// An iteration's failure. Sent to the user's tabs as `error {message, function}` once per change of state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoopError(pub String);

@@ -22,22 +22,25 @@ pub enum Source {
     Subprotocol,
 }
 
+/// The token of an `Authorization: Bearer` header (the scheme is case-insensitive, RFC 7235), if any.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 /// Finds the credential of a handshake: an access token, or (with [`Source::Session`]) a custody session id.
 pub fn extract(
     headers: &HeaderMap,
     token_cookie: &str,
     session_cookie: &str,
 ) -> Option<(String, Source)> {
-    if let Some(v) = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    {
-        let mut parts = v.splitn(2, ' ');
-        if let (Some(scheme), Some(token)) = (parts.next(), parts.next()) {
-            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() {
-                return Some((token.trim().to_owned(), Source::Header));
-            }
-        }
+    if let Some(token) = bearer(headers) {
+        return Some((token.to_owned(), Source::Header));
     }
     if !token_cookie.is_empty() {
         if let Some(t) = cookie(headers, token_cookie) {

@@ -127,8 +127,10 @@ impl Realm {
     /// Loads discovery and keys, retrying with exponential backoff and jitter until it succeeds; then refreshes the
     /// keys every `auth.jwks_refresh_interval_ms` while the realm is in use.
     pub async fn load_with_retry(self: Arc<Self>) {
-        let mut delay = Duration::from_millis(self.config.discovery_retry_initial_ms.max(1));
-        let max = Duration::from_millis(self.config.discovery_retry_max_ms.max(1));
+        let mut backoff = crate::backoff::Backoff::new(
+            Duration::from_millis(self.config.discovery_retry_initial_ms.max(1)),
+            Duration::from_millis(self.config.discovery_retry_max_ms.max(1)),
+        );
         loop {
             match self.load().await {
                 Ok(()) => {
@@ -136,10 +138,9 @@ impl Realm {
                     break;
                 }
                 Err(e) => {
-                    let wait = crate::backoff::full_jitter(delay);
+                    let wait = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "realm discovery failed");
                     tokio::time::sleep(wait).await;
-                    delay = (delay * 2).min(max);
                 }
             }
         }

@@ -23,13 +23,14 @@ use crate::app::App;
 use crate::auth::AuthError;
 use crate::protocol;
 use crate::publish::message::{new_id, Message, Target};
+use crate::responses::json_error;
 
 pub fn router() -> Router<Arc<App>> {
     Router::new().route("/api/publish", post(publish))
 }
 
 fn error(status: StatusCode, message: &str) -> Response {
-    let mut r = (status, Json(json!({ "error": message }))).into_response();
+    let mut r = json_error(status, message);
     if status == StatusCode::UNAUTHORIZED {
         r.headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -51,15 +52,7 @@ struct PublisherClaims {
 }
 
 async fn authorize(app: &App, headers: &HeaderMap) -> Result<(), Response> {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
+    let token = crate::auth::credential::bearer(headers)
         .ok_or_else(|| error(StatusCode::UNAUTHORIZED, "missing bearer credentials"))?;
     let secret = &app.config.publish.shared_secret;
     if !secret.is_empty() && same(token.as_bytes(), secret.as_bytes()) {

@@ -696,3 +696,6 @@ impl LoopContext for Session {
         Box::pin(self.services.backends.shared_get(url))
     }
 }
+
+#[cfg(test)]
+mod tests;
