@@ -105,7 +105,7 @@ fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if config.log.format == "json" {
+    if config.log.format == tabhub::config::LogFormat::Json {
         builder.json().init();
     } else {
         builder.init();

@@ -2,13 +2,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{key_error, ConfigError};
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// `text` or `json`.
-    pub format: String,
+    pub format: LogFormat,
     /// A tracing filter such as `info` or `tabhub=debug,info`.
     pub level: String,
 }
@@ -16,17 +14,20 @@ pub struct LogConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
-            format: "text".into(),
+            format: LogFormat::Text,
             level: "info".into(),
         }
     }
 }
 
-impl LogConfig {
-    pub(super) fn validate(&self) -> Result<(), ConfigError> {
-        if !matches!(self.format.as_str(), "text" | "json") {
-            return Err(key_error("log.format", "must be text or json"));
-        }
-        Ok(())
-    }
+/// How log lines are written. An enum rather than a string so that a bad value fails while the file is read,
+/// naming `log.format` and the allowed values, and no later code compares strings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (`text`).
+    #[default]
+    Text,
+    /// One JSON object per line (`json`), for log collectors.
+    Json,
 }

@@ -33,8 +33,8 @@ pub use custody::CustodyConfig;
 pub use drain::DrainConfig;
 pub use gitlab::GitlabConfig;
 pub use limits::LimitsConfig;
-pub use log::LogConfig;
-pub use publish::{BrokerConfig, PublishConfig};
+pub use log::{LogConfig, LogFormat};
+pub use publish::{BrokerConfig, BrokerKind, PublishConfig};
 pub use session::SessionConfig;
 pub use websocket::WebSocketConfig;
 
@@ -154,7 +154,6 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.auth.validate()?;
         self.origins.validate()?;
-        self.log.validate()?;
         self.websocket.validate()?;
         self.session.validate()?;
         self.backend.validate(&self.session)?;
@@ -230,5 +229,37 @@ mod tests {
         ));
         let e = Config::load(None, env).unwrap_err().to_string();
         assert!(e.contains("origins.allowed[0]"), "{e}");
+    }
+
+    #[test]
+    fn enum_keys_take_their_lowercase_names_and_refuse_others_naming_the_allowed_ones() {
+        let mut env = minimal();
+        env.push(("TABHUB_LOG_FORMAT".into(), "json".into()));
+        env.push(("TABHUB_BROKER_KIND".into(), "memory".into()));
+        let c = Config::load(None, env).unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert_eq!(c.broker.kind, BrokerKind::Memory);
+        assert_eq!(Config::default().log.format, LogFormat::Text);
+
+        let mut env = minimal();
+        env.push(("TABHUB_LOG_FORMAT".into(), "xml".into()));
+        let e = Config::load(None, env).unwrap_err().to_string();
+        assert!(
+            e.contains("log.format") && e.contains("text") && e.contains("json"),
+            "{e}"
+        );
+
+        let mut env = minimal();
+        env.push(("TABHUB_BROKER_KIND".into(), "kafka".into()));
+        let e = Config::load(None, env).unwrap_err().to_string();
+        assert!(
+            e.contains("broker.kind") && e.contains("memory") && e.contains("redis"),
+            "{e}"
+        );
+
+        let e = Config::from_toml(toml::from_str("[broker]\nkind = \"Redis\"").unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("broker.kind"), "{e}");
     }
 }

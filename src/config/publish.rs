@@ -55,7 +55,7 @@ impl PublishConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
     /// `memory` (this process only) or `redis`.
-    pub kind: String,
+    pub kind: BrokerKind,
     /// `redis://host:port/` when `kind = "redis"`.
     pub redis_url: String,
     /// The Redis pub/sub channel every instance publishes into and listens on.
@@ -69,7 +69,7 @@ pub struct BrokerConfig {
 impl Default for BrokerConfig {
     fn default() -> Self {
         BrokerConfig {
-            kind: "memory".into(),
+            kind: BrokerKind::Memory,
             redis_url: String::new(),
             channel: "tabhub:publish".into(),
             timeout_ms: 2_000,
@@ -79,11 +79,23 @@ impl Default for BrokerConfig {
     }
 }
 
+/// Which broker carries published messages. An enum rather than a string so that a bad value fails while the
+/// file is read, naming `broker.kind` and the allowed values, and no later code compares strings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerKind {
+    /// This process only (`memory`): one instance, or instances that need not share messages.
+    #[default]
+    Memory,
+    /// Redis pub/sub (`redis`) at `broker.redis_url`: every instance gets every message.
+    Redis,
+}
+
 impl BrokerConfig {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
-        match self.kind.as_str() {
-            "memory" => {}
-            "redis" => {
+        match self.kind {
+            BrokerKind::Memory => {}
+            BrokerKind::Redis => {
                 let u = url::Url::parse(&self.redis_url)
                     .map_err(|e| key_error("broker.redis_url", format!("not a URL: {e}")))?;
                 if !matches!(u.scheme(), "redis" | "redis+unix") {
@@ -92,7 +104,6 @@ impl BrokerConfig {
                 redis::Client::open(self.redis_url.as_str())
                     .map_err(|e| key_error("broker.redis_url", e.to_string()))?;
             }
-            _ => return Err(key_error("broker.kind", "must be memory or redis")),
         }
         Ok(())
     }

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::{deliver, Message};
 use crate::app::App;
 use crate::backoff::Backoff;
-use crate::config::BrokerConfig;
+use crate::config::{BrokerConfig, BrokerKind};
 
 /// Why a publish failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -48,7 +48,7 @@ pub struct RedisBroker {
 impl Broker {
     /// The broker the configuration names (validated: a redis URL parses).
     pub fn new(config: &BrokerConfig) -> Broker {
-        if config.kind != "redis" {
+        if config.kind != BrokerKind::Redis {
             return Broker::Memory;
         }
         let client = redis::Client::open(config.redis_url.as_str())
