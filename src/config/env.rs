@@ -4,8 +4,19 @@
 //! (`session.linger_ms` -> `TABHUB_SESSION_LINGER_MS`); its type is the default value's (integer, boolean, list,
 //! string). Free-form tables ([`FREE_TABLES`]) take any key below them. Any other `TABHUB_*` variable is refused
 //! ("no such configuration key"), so that a misspelt key fails the start instead of being ignored.
+//!
+//! The one exception is [`CLIENT_ENV_PREFIX`]: `TABHUB_CONNECT_*` belongs to the `tabhub connect` client, not to
+//! the server, and the overlay skips it. The client's token variable ([`CONNECT_TOKEN_ENV`]) used to be
+//! `TABHUB_TOKEN`, which `serve` then refused as an unknown key: a shell set up for the client could not start the
+//! server. No configuration key may live under the reserved prefix (a test checks it).
 
 use super::{Config, ConfigError};
+
+/// Environment variables under this prefix are the `tabhub connect` client's, never configuration.
+pub const CLIENT_ENV_PREFIX: &str = "TABHUB_CONNECT_";
+
+/// The access token `tabhub connect` sends (under [`CLIENT_ENV_PREFIX`], so `serve` ignores it).
+pub const CONNECT_TOKEN_ENV: &str = "TABHUB_CONNECT_TOKEN";
 
 /// Tables whose keys are free-form (any key may be set from the environment).
 pub(super) const FREE_TABLES: &[&str] = &["backends", "commands"];
@@ -22,6 +33,9 @@ pub(super) fn apply_env(
     let mut leaves = Vec::new();
     collect_leaves(&defaults, &mut Vec::new(), &mut leaves);
     for (var, raw) in env {
+        if var.starts_with(CLIENT_ENV_PREFIX) {
+            continue;
+        }
         let Some(rest) = var.strip_prefix("TABHUB_") else {
             continue;
         };
@@ -116,5 +130,61 @@ fn set_path(root: &mut toml::Value, path: &[String], leaf: toml::Value) {
         cur = t
             .entry(key.clone())
             .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minimal() -> Vec<(String, String)> {
+        vec![
+            (
+                "TABHUB_AUTH_ISSUER".into(),
+                "https://kc.example/realms/renku".into(),
+            ),
+            ("TABHUB_AUTH_CLIENT_IDS".into(), "renku-ui".into()),
+        ]
+    }
+
+    #[test]
+    fn the_connect_clients_variable_is_not_configuration_but_unknown_keys_still_fail() {
+        assert!(CONNECT_TOKEN_ENV.starts_with(CLIENT_ENV_PREFIX));
+        let mut env = minimal();
+        env.push((CONNECT_TOKEN_ENV.into(), "eyJhbGciOi.not.checked".into()));
+        Config::load(None, env).expect("serve starts with the client's token set");
+
+        let mut env = minimal();
+        env.push((CONNECT_TOKEN_ENV.into(), "eyJhbGciOi.not.checked".into()));
+        env.push(("TABHUB_SESSION_LINGERING_MS".into(), "5".into()));
+        let e = Config::load(None, env).unwrap_err().to_string();
+        assert!(
+            e.contains("TABHUB_SESSION_LINGERING_MS")
+                && e.contains("session_lingering_ms")
+                && e.contains("no such configuration key"),
+            "{e}"
+        );
+
+        // The client's former variable is not configuration either: still refused, naming it.
+        let mut env = minimal();
+        env.push(("TABHUB_TOKEN".into(), "x".into()));
+        let e = Config::load(None, env).unwrap_err().to_string();
+        assert!(e.contains("TABHUB_TOKEN"), "{e}");
+    }
+
+    #[test]
+    fn no_configuration_key_lives_under_the_clients_prefix() {
+        let defaults = toml::Value::try_from(Config::default()).unwrap();
+        let mut leaves = Vec::new();
+        collect_leaves(&defaults, &mut Vec::new(), &mut leaves);
+        let reserved = CLIENT_ENV_PREFIX.trim_start_matches("TABHUB_");
+        for (path, _) in &leaves {
+            let var = format!("{}_", env_name(path));
+            assert!(!var.starts_with(reserved), "{} is hidden", path.join("."));
+        }
+        for t in FREE_TABLES {
+            let table = format!("{}_", t.to_uppercase());
+            assert!(!table.starts_with(reserved), "{t}");
+        }
     }
 }

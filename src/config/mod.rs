@@ -31,6 +31,7 @@ pub use auth::{AuthConfig, OriginConfig};
 pub use backend::BackendConfig;
 pub use custody::CustodyConfig;
 pub use drain::DrainConfig;
+pub use env::{CLIENT_ENV_PREFIX, CONNECT_TOKEN_ENV};
 pub use gitlab::GitlabConfig;
 pub use limits::LimitsConfig;
 pub use log::{LogConfig, LogFormat};
