@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use super::{key_error, AuthConfig, ConfigError};
 
 /// Token custody: tabhub logs users in (authorization code + PKCE) and keeps their tokens server-side, behind a
-/// session cookie; browsers never hold Keycloak tokens.
+/// login cookie (custody's unit is a login, see `crate::custody`); browsers never hold Keycloak tokens.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CustodyConfig {
@@ -20,7 +20,7 @@ pub struct CustodyConfig {
     pub scopes: Vec<String>,
     pub cookie_name: String,
     pub cookie_path: String,
-    /// `Secure` on the session cookie; turn off only for plain-http local development.
+    /// `Secure` on the login cookie; turn off only for plain-http local development.
     pub cookie_secure: bool,
     /// Origins `?redirect=` may point to, besides relative paths (empty: `origins.allowed`).
     pub allowed_redirect_origins: Vec<String>,
@@ -28,7 +28,7 @@ pub struct CustodyConfig {
     pub refresh_tolerance_ms: u64,
     /// How long a login may take between `/auth/login` and `/auth/callback`.
     pub login_timeout_ms: u64,
-    /// Stored sessions expire with the refresh token; this lifetime applies when it cannot be read.
+    /// Stored logins expire with the refresh token; this lifetime applies when it cannot be read.
     pub default_refresh_lifetime_ms: u64,
     /// RFC 7662 introspection of every handshake's token (revocation seen at once), cached this long.
     pub introspection: bool,

@@ -61,7 +61,7 @@ fn redirect(to: &str) -> Response {
     r
 }
 
-/// The session cookie, set or cleared.
+/// The login cookie (named by `custody.cookie_name`), set or cleared.
 fn cookie(c: &Custody, value: &str, max_age_secs: u64) -> HeaderValue {
     let cfg = c.config();
     let secure = if cfg.cookie_secure { "; Secure" } else { "" };
@@ -119,14 +119,14 @@ async fn callback(State(app): State<Arc<App>>, Query(q): Query<CallbackQuery>) -
         );
     };
     match c.callback(&code, &state).await {
-        Ok((sid, stored, to)) => {
+        Ok((login_id, stored, to)) => {
             let max_age = stored
                 .refresh_expires
                 .saturating_duration_since(std::time::Instant::now())
                 .as_secs();
             let mut r = redirect(&to);
             r.headers_mut()
-                .insert(header::SET_COOKIE, cookie(c, &sid, max_age));
+                .insert(header::SET_COOKIE, cookie(c, &login_id, max_age));
             r
         }
         Err(e @ CustodyError::UnknownState) => {
@@ -136,7 +136,8 @@ async fn callback(State(app): State<Arc<App>>, Query(q): Query<CallbackQuery>) -
     }
 }
 
-fn session_id(c: &Custody, headers: &HeaderMap) -> Option<String> {
+/// The login id the request's cookie carries.
+fn login_id_of(c: &Custody, headers: &HeaderMap) -> Option<String> {
     credential::cookie(headers, &c.config().cookie_name)
 }
 
@@ -144,10 +145,10 @@ async fn me(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     let Some(c) = app.custody.as_ref() else {
         return not_enabled();
     };
-    let Some(sid) = session_id(c, &headers) else {
+    let Some(login_id) = login_id_of(c, &headers) else {
         return json_error(StatusCode::UNAUTHORIZED, "not logged in");
     };
-    match c.store().get(&sid).await {
+    match c.store().get(&login_id).await {
         Some(s) => {
             let tabs = app
                 .hub
@@ -165,7 +166,8 @@ async fn me(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     }
 }
 
-/// Drops the server-side session, closes its tabs with "logged out", and returns the realm's end-session URL.
+/// Drops the login (its server-side tokens), closes its tabs with "logged out", and returns the realm's end-session
+/// URL.
 async fn logout(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     let Some(c) = app.custody.as_ref() else {
         return not_enabled();
@@ -176,22 +178,22 @@ async fn logout(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
             return json_error(StatusCode::FORBIDDEN, "origin not allowed");
         }
     }
-    let Some(sid) = session_id(c, &headers) else {
+    let Some(login_id) = login_id_of(c, &headers) else {
         return json_error(StatusCode::UNAUTHORIZED, "not logged in");
     };
-    let (stored, end) = c.logout(&sid).await;
+    let (stored, end) = c.logout(&login_id).await;
     if let Some(s) = &stored {
-        close_tabs_of(&app, &s.user.id, &sid);
+        close_tabs_of(&app, &s.user.id, &login_id);
     }
     let mut r = Json(json!({"loggedOut": stored.is_some(), "logoutUrl": end})).into_response();
     r.headers_mut().insert(header::SET_COOKIE, cookie(c, "", 0));
     r
 }
 
-fn close_tabs_of(app: &App, user: &str, sid: &str) {
+fn close_tabs_of(app: &App, user: &str, login_id: &str) {
     if let Some(session) = app.hub.get(user) {
         session.close_source(
-            sid,
+            login_id,
             "error",
             serde_json::json!({"message": "You have been logged out.", "loggedOut": true}),
             close_codes::LOGGED_OUT,
@@ -216,8 +218,8 @@ async fn backchannel_logout(
     };
     match c.backchannel_logout(&token).await {
         Ok(dropped) => {
-            for (sid, s) in &dropped {
-                close_tabs_of(&app, &s.user.id, sid);
+            for (login_id, s) in &dropped {
+                close_tabs_of(&app, &s.user.id, login_id);
             }
             let mut r = StatusCode::OK.into_response();
             r.headers_mut()
