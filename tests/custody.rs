@@ -565,3 +565,26 @@ async fn an_unreachable_keycloak_is_retried_until_the_token_really_expires() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn without_custody_the_auth_routes_are_not_mounted() {
+    let kc = Keycloak::start().await;
+    let t = support::start_default(&kc).await;
+    let base = format!("http://{}", t.local_addr());
+    let http = reqwest::Client::new();
+    for (method, path) in [
+        (reqwest::Method::GET, "/auth/login"),
+        (reqwest::Method::GET, "/auth/callback"),
+        (reqwest::Method::GET, "/auth/me"),
+        (reqwest::Method::POST, "/auth/logout"),
+        (reqwest::Method::POST, "/auth/backchannel-logout"),
+    ] {
+        let r = http
+            .request(method, format!("{base}{path}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+        assert_eq!(r.text().await.unwrap(), "", "{path}: an unknown path's 404");
+    }
+}

@@ -16,18 +16,32 @@ use crate::app::App;
 use crate::auth::credential;
 use crate::close_codes;
 
-/// `/auth/*` routes (present only when custody is enabled).
-pub fn router() -> Router<Arc<App>> {
+/// `/auth/*` routes, for the server to mount only when custody is enabled (without it these paths are the
+/// framework's 404, like any unknown path). Each handler is handed the enabled [`Custody`] itself instead of
+/// checking `App::custody` at every request.
+pub fn router(custody: Arc<Custody>) -> Router<Arc<App>> {
+    let c = custody;
     Router::new()
-        .route("/auth/login", get(login))
-        .route("/auth/callback", get(callback))
-        .route("/auth/me", get(me))
-        .route("/auth/logout", post(logout))
-        .route("/auth/backchannel-logout", post(backchannel_logout))
-}
-
-fn not_enabled() -> Response {
-    json_error(StatusCode::NOT_FOUND, "token custody is not enabled")
+        .route("/auth/login", {
+            let c = c.clone();
+            get(move |q| login(c, q))
+        })
+        .route("/auth/callback", {
+            let c = c.clone();
+            get(move |q| callback(c, q))
+        })
+        .route("/auth/me", {
+            let c = c.clone();
+            get(move |app, headers| me(c, app, headers))
+        })
+        .route("/auth/logout", {
+            let c = c.clone();
+            post(move |app, headers| logout(c, app, headers))
+        })
+        .route(
+            "/auth/backchannel-logout",
+            post(move |app, form| backchannel_logout(c, app, form)),
+        )
 }
 
 fn json_error(status: StatusCode, message: &str) -> Response {
@@ -77,10 +91,7 @@ struct LoginQuery {
     redirect: Option<String>,
 }
 
-async fn login(State(app): State<Arc<App>>, Query(q): Query<LoginQuery>) -> Response {
-    let Some(c) = app.custody.as_ref() else {
-        return not_enabled();
-    };
+async fn login(c: Arc<Custody>, Query(q): Query<LoginQuery>) -> Response {
     match c.login_url(q.redirect.as_deref()).await {
         Ok(url) => redirect(&url),
         Err(CustodyError::BadRedirect) => json_error(
@@ -103,10 +114,7 @@ struct CallbackQuery {
     error_description: Option<String>,
 }
 
-async fn callback(State(app): State<Arc<App>>, Query(q): Query<CallbackQuery>) -> Response {
-    let Some(c) = app.custody.as_ref() else {
-        return not_enabled();
-    };
+async fn callback(c: Arc<Custody>, Query(q): Query<CallbackQuery>) -> Response {
     if let Some(e) = q.error {
         let why = q.error_description.unwrap_or(e);
         return page(StatusCode::BAD_REQUEST, "Login refused", &why);
@@ -126,7 +134,7 @@ async fn callback(State(app): State<Arc<App>>, Query(q): Query<CallbackQuery>) -
                 .as_secs();
             let mut r = redirect(&to);
             r.headers_mut()
-                .insert(header::SET_COOKIE, cookie(c, &login_id, max_age));
+                .insert(header::SET_COOKIE, cookie(&c, &login_id, max_age));
             r
         }
         Err(e @ CustodyError::UnknownState) => {
@@ -141,11 +149,8 @@ fn login_id_of(c: &Custody, headers: &HeaderMap) -> Option<String> {
     credential::cookie(headers, &c.config().cookie_name)
 }
 
-async fn me(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    let Some(c) = app.custody.as_ref() else {
-        return not_enabled();
-    };
-    let Some(login_id) = login_id_of(c, &headers) else {
+async fn me(c: Arc<Custody>, State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let Some(login_id) = login_id_of(&c, &headers) else {
         return json_error(StatusCode::UNAUTHORIZED, "not logged in");
     };
     match c.store().get(&login_id).await {
@@ -168,17 +173,14 @@ async fn me(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
 
 /// Drops the login (its server-side tokens), closes its tabs with "logged out", and returns the realm's end-session
 /// URL.
-async fn logout(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    let Some(c) = app.custody.as_ref() else {
-        return not_enabled();
-    };
+async fn logout(c: Arc<Custody>, State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     // SameSite=Lax already keeps cross-site POSTs from carrying the cookie; an explicit foreign Origin is refused too.
     if let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) {
         if !crate::handshake::origin_allowed(&app, origin) {
             return json_error(StatusCode::FORBIDDEN, "origin not allowed");
         }
     }
-    let Some(login_id) = login_id_of(c, &headers) else {
+    let Some(login_id) = login_id_of(&c, &headers) else {
         return json_error(StatusCode::UNAUTHORIZED, "not logged in");
     };
     let (stored, end) = c.logout(&login_id).await;
@@ -186,7 +188,8 @@ async fn logout(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
         close_tabs_of(&app, &s.user.id, &login_id);
     }
     let mut r = Json(json!({"loggedOut": stored.is_some(), "logoutUrl": end})).into_response();
-    r.headers_mut().insert(header::SET_COOKIE, cookie(c, "", 0));
+    r.headers_mut()
+        .insert(header::SET_COOKIE, cookie(&c, "", 0));
     r
 }
 
@@ -207,12 +210,10 @@ struct LogoutForm {
 }
 
 async fn backchannel_logout(
+    c: Arc<Custody>,
     State(app): State<Arc<App>>,
     form: Result<Form<LogoutForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {
-    let Some(c) = app.custody.as_ref() else {
-        return not_enabled();
-    };
     let Some(token) = form.ok().and_then(|f| f.0.logout_token) else {
         return json_error(StatusCode::BAD_REQUEST, "missing logout_token");
     };
