@@ -40,7 +40,7 @@ async fn authenticate(app: &App, cred: Option<(String, Source)>) -> Result<Verif
         (None, _) => return Err(AuthError::Missing),
         (Some((sid, Source::Session)), Some(custody)) => {
             custody.fresh_token(&sid).await.map_err(|e| match e {
-                CustodyError::NoSession => AuthError::NoSession,
+                CustodyError::NoLogin => AuthError::NoSession,
                 CustodyError::Rejected => AuthError::Expired,
                 _ => AuthError::Unavailable,
             })?

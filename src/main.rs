@@ -55,7 +55,7 @@ enum Command {
         #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
         url: String,
         /// Access token; without it, one is fetched from the demo issuer for --user.
-        #[arg(long, env = "TABHUB_TOKEN", hide_env_values = true)]
+        #[arg(long, env = tabhub::config::CONNECT_TOKEN_ENV, hide_env_values = true)]
         token: Option<String>,
         /// Demo user (alice or bob) when no token is given.
         #[arg(long, default_value = "alice")]
@@ -105,7 +105,7 @@ fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if config.log.format == "json" {
+    if config.log.format == tabhub::config::LogFormat::Json {
         builder.json().init();
     } else {
         builder.init();

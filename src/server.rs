@@ -112,12 +112,14 @@ pub async fn start(
         }
     });
     app.broker.start(app.stop.clone());
+    // Token custody's `/auth/*` routes exist only when it is enabled.
+    let custody_routes = app.custody.clone().map(crate::custody::routes::router);
     let router = Router::new()
         .route("/ws", get(crate::handshake::upgrade))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .merge(crate::custody::routes::router())
+        .merge(custody_routes.unwrap_or_default())
         .merge(crate::publish::api::router())
         .with_state(app.clone())
         .merge(crate::client_assets::router())

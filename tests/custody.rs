@@ -1,4 +1,4 @@
-//! Token custody over real sockets: login through the fixture Keycloak's authorization endpoint, the session cookie
+//! Token custody over real sockets: login through the fixture Keycloak's authorization endpoint, the login cookie
 //! as the websocket credential, silent refresh, refusal, logout and back-channel logout.
 
 mod support;
@@ -114,7 +114,7 @@ fn location(r: &reqwest::Response) -> String {
 }
 
 impl Setup {
-    /// Logs in through the fixture realm (auto-approving alice); returns the session cookie `name=value`.
+    /// Logs in through the fixture realm (auto-approving alice); returns the login cookie `name=value`.
     async fn login(&self, redirect: &str) -> String {
         let r = self
             .http
@@ -292,13 +292,13 @@ async fn a_withdrawn_key_renews_the_session_token_through_custody_without_closin
 async fn concurrent_refreshes_share_one_request() {
     let s = setup(Duration::from_secs(300)).await;
     let cookie = s.login("/").await;
-    let sid = cookie.split_once('=').unwrap().1.to_owned();
+    let login_id = cookie.split_once('=').unwrap().1.to_owned();
     let custody = s.t.app().custody.clone().unwrap();
     let before = s.kc.realm().token_requests("refresh_token");
     let calls: Vec<_> = (0..10)
         .map(|_| {
-            let (c, sid) = (custody.clone(), sid.clone());
-            tokio::spawn(async move { c.refresh(&sid).await.map(|t| t.access_token.clone()) })
+            let (c, login_id) = (custody.clone(), login_id.clone());
+            tokio::spawn(async move { c.refresh(&login_id).await.map(|t| t.access_token.clone()) })
         })
         .collect();
     let mut tokens = std::collections::HashSet::new();
@@ -312,12 +312,12 @@ async fn concurrent_refreshes_share_one_request() {
     );
     assert_eq!(tokens.len(), 1);
     // The rotated refresh token was stored: the next refresh works (the old one would be refused).
-    custody.refresh(&sid).await.unwrap();
+    custody.refresh(&login_id).await.unwrap();
     assert_eq!(s.kc.realm().token_requests("refresh_token"), before + 2);
 }
 
 #[tokio::test]
-async fn a_revoked_session_closes_its_tabs_with_the_expired_code() {
+async fn a_login_revoked_at_keycloak_closes_its_tabs_with_the_expired_code() {
     let s = setup(Duration::from_secs(12)).await;
     let cookie = s.login("/").await;
     let mut a = s.tab(&cookie).await;
@@ -341,10 +341,10 @@ async fn a_revoked_session_closes_its_tabs_with_the_expired_code() {
 }
 
 #[tokio::test]
-async fn logout_closes_that_sessions_tabs_only() {
+async fn logout_closes_that_logins_tabs_only() {
     let s = setup(Duration::from_secs(300)).await;
     let (c1, c2) = (s.login("/").await, s.login("/").await);
-    assert_ne!(c1, c2, "two browsers, two sessions");
+    assert_ne!(c1, c2, "two browsers, two logins");
     let (mut a1, mut a2, mut other) = (s.tab(&c1).await, s.tab(&c1).await, s.tab(&c2).await);
     let mut bob = Client::connect(&support::ws_url(&s.t), &s.kc.token("bob")).await;
     let r = s
@@ -379,7 +379,7 @@ async fn logout_closes_that_sessions_tabs_only() {
 }
 
 #[tokio::test]
-async fn backchannel_logout_closes_the_named_session_and_refuses_replays_and_forgeries() {
+async fn backchannel_logout_closes_the_named_login_and_refuses_replays_and_forgeries() {
     let s = setup(Duration::from_secs(300)).await;
     let c1 = s.login("/").await;
     let kc_sid = s.kc.realm().kc_session_of("alice").unwrap();
@@ -420,7 +420,7 @@ async fn backchannel_logout_closes_the_named_session_and_refuses_replays_and_for
     let (code, _) = a1.closed().await;
     assert_eq!(code, Some(4003));
     a2.send("ping", json!({}), Some(json!(2))).await;
-    assert_eq!(a2.recv().await["id"], 2, "the other session stays");
+    assert_eq!(a2.recv().await["id"], 2, "the other login stays");
     assert_eq!(
         s.kc.realm().send_backchannel_logout(&url, &token).await,
         400,
@@ -443,7 +443,7 @@ async fn cookie_handshakes_need_an_allowed_origin() {
             other => panic!("{origin:?}: expected 403, got {:?}", other.map(|_| ())),
         }
     }
-    // An unknown session cookie: in-band missingAuth and 4000.
+    // An unknown login cookie: in-band missingAuth and 4000.
     let mut c = Client::connect_with(&url, Cred::Cookie(name, "forged"), Some(&s.base))
         .await
         .unwrap();
@@ -550,4 +550,27 @@ async fn an_unreachable_keycloak_is_retried_until_the_token_really_expires() {
         "closed too early: {:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test]
+async fn without_custody_the_auth_routes_are_not_mounted() {
+    let kc = Keycloak::start().await;
+    let t = support::start_default(&kc).await;
+    let base = format!("http://{}", t.local_addr());
+    let http = reqwest::Client::new();
+    for (method, path) in [
+        (reqwest::Method::GET, "/auth/login"),
+        (reqwest::Method::GET, "/auth/callback"),
+        (reqwest::Method::GET, "/auth/me"),
+        (reqwest::Method::POST, "/auth/logout"),
+        (reqwest::Method::POST, "/auth/backchannel-logout"),
+    ] {
+        let r = http
+            .request(method, format!("{base}{path}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+        assert_eq!(r.text().await.unwrap(), "", "{path}: an unknown path's 404");
+    }
 }

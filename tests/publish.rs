@@ -287,7 +287,7 @@ impl Drop for RedisServer {
 async fn redis_instance(kc: &Keycloak, redis: &RedisServer, id: &str) -> tabhub::Running {
     let mut c = config(kc);
     c.instance_id = id.into();
-    c.broker.kind = "redis".into();
+    c.broker.kind = tabhub::config::BrokerKind::Redis;
     c.broker.redis_url = redis.url();
     c.broker.reconnect_initial_ms = 50;
     c.broker.reconnect_max_ms = 200;

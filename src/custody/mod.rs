@@ -1,18 +1,24 @@
 //! Token custody (backend-for-frontend): tabhub logs the browser in with the authorization code flow (PKCE, `state`,
-//! `nonce`) as a confidential client, keeps the token set server-side under a random session id, and hands the
+//! `nonce`) as a confidential client, keeps the token set server-side under a random login id, and hands the
 //! browser only an `HttpOnly` cookie. Sessions' loops and streams use the stored access token, refreshed before it
-//! expires ([`Custody::refresh`]); back-channel logout drops sessions Keycloak ended.
+//! expires ([`Custody::refresh`]); back-channel logout drops logins whose Keycloak session ended.
+//!
+//! What custody keeps per browser is a *login*: begun at `/auth/login` (pending until `/auth/callback`), then one
+//! [`StoredLogin`] under one login id (the cookie's value) until logout or the refresh token's expiry. It is not called a session because "session" already
+//! means the per-user session (`crate::session`, all tabs of one user), Keycloak's session (`sid`, see
+//! [`StoredLogin::kc_sid`]) and Renku's notebook sessions. Configuration keys and the cookie keep their names
+//! (`custody.cookie_name`, default `tabhub_session`): operators' files and browsers' cookies must keep working.
 //!
 //! - [`store`]: where token sets live ([`TokenStore`], in memory for now);
 //! - [`routes`]: `/auth/login`, `/auth/callback`, `/auth/me`, `/auth/logout`, `/auth/backchannel-logout`.
 //!
-//! Nothing here logs a token, a code or a session id.
+//! Nothing here logs a token, a code or a login id.
 
 pub mod routes;
 pub mod store;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use openidconnect::core::{
@@ -27,9 +33,10 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::auth::{AuthError, Realm, Verified};
+use crate::clock::now_unix;
 use crate::config::{Config, CustodyConfig};
 use crate::metrics::Metrics;
-pub use store::{MemoryStore, StoredSession, TokenStore};
+pub use store::{MemoryStore, StoredLogin, TokenStore};
 
 type OidcClient = CoreClient<
     EndpointSet,
@@ -51,8 +58,8 @@ pub enum CustodyError {
     UnknownState,
     #[error("login failed: {0}")]
     LoginFailed(String),
-    #[error("no such session")]
-    NoSession,
+    #[error("no such login")]
+    NoLogin,
     #[error("the identity provider refused the refresh token; log in again")]
     Rejected,
     #[error("the identity provider is unreachable")]
@@ -78,8 +85,8 @@ pub struct Custody {
     store: Arc<dyn TokenStore>,
     pending: moka::future::Cache<String, Pending>,
     /// Refreshes in flight or just done, keyed by the refresh token they used: concurrent refreshes of one
-    /// session share one request, and a late caller holding the rotated-out token gets the new set.
-    refreshes: moka::future::Cache<Arc<str>, StoredSession>,
+    /// login share one request, and a late caller holding the rotated-out token gets the new set.
+    refreshes: moka::future::Cache<Arc<str>, StoredLogin>,
     /// Introspection answers by token, for `introspection_cache_ms`.
     introspected: moka::future::Cache<Arc<str>, bool>,
     /// Logout tokens' `jti`s already seen.
@@ -87,15 +94,8 @@ pub struct Custody {
     metrics: Arc<Metrics>,
 }
 
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
-}
-
-/// A random, URL-safe session id (256 bits).
-fn new_session_id() -> String {
+/// A random, URL-safe login id (256 bits).
+fn new_login_id() -> String {
     let bytes: [u8; 32] = rand::random();
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
@@ -230,13 +230,13 @@ impl Custody {
         Ok(url.to_string())
     }
 
-    /// Finishes a login: exchanges the code, verifies the ID token, stores the token set. Returns the new session
-    /// id, the stored session and where to send the browser.
+    /// Finishes a login: exchanges the code, verifies the ID token, stores the token set. Returns the new login
+    /// id, the stored login and where to send the browser.
     pub async fn callback(
         &self,
         code: &str,
         state: &str,
-    ) -> Result<(String, StoredSession, String), CustodyError> {
+    ) -> Result<(String, StoredLogin, String), CustodyError> {
         let pending = self
             .pending
             .remove(state)
@@ -276,20 +276,20 @@ impl Custody {
                 "the access token and the ID token name different users".into(),
             ));
         }
-        let sid = new_session_id();
-        self.store.put(&sid, stored.clone()).await;
+        let login_id = new_login_id();
+        self.store.put(&login_id, stored.clone()).await;
         tracing::info!(user = %stored.user.id, "logged in");
-        Ok((sid, stored, pending.redirect))
+        Ok((login_id, stored, pending.redirect))
     }
 
-    /// Builds a stored session from a token answer; the access token is verified like any other.
+    /// Builds a stored login from a token answer; the access token is verified like any other.
     async fn to_stored(
         &self,
         access: &str,
         refresh: Option<&str>,
         id_token: Option<String>,
-        previous: Option<&StoredSession>,
-    ) -> Result<StoredSession, CustodyError> {
+        previous: Option<&StoredLogin>,
+    ) -> Result<StoredLogin, CustodyError> {
         let verified = self
             .realm
             .verify(access)
@@ -310,7 +310,7 @@ impl Custody {
             .unwrap_or(Duration::from_millis(
                 self.config.default_refresh_lifetime_ms,
             ));
-        Ok(StoredSession {
+        Ok(StoredLogin {
             kc_sid: verified.sid.clone(),
             user: verified.user,
             access_exp: verified.exp,
@@ -323,20 +323,28 @@ impl Custody {
         })
     }
 
-    /// The session's access token, refreshed first if it expires within the tolerance; as a verified token whose
-    /// `source` is the session id.
-    pub async fn fresh_token(&self, sid: &str) -> Result<Verified, CustodyError> {
-        let stored = self.store.get(sid).await.ok_or(CustodyError::NoSession)?;
+    /// The login's access token, refreshed first if it expires within the tolerance; as a verified token whose
+    /// `source` is the login id.
+    pub async fn fresh_token(&self, login_id: &str) -> Result<Verified, CustodyError> {
+        let stored = self
+            .store
+            .get(login_id)
+            .await
+            .ok_or(CustodyError::NoLogin)?;
         let tolerance = self.config.refresh_tolerance_ms.div_ceil(1000);
         let stored = if stored.access_exp <= now_unix() + tolerance {
-            self.refresh(sid).await?
+            self.refresh(login_id).await?
         } else {
             stored
         };
-        self.verified(sid, &stored).await
+        self.verified(login_id, &stored).await
     }
 
-    async fn verified(&self, sid: &str, stored: &StoredSession) -> Result<Verified, CustodyError> {
+    async fn verified(
+        &self,
+        login_id: &str,
+        stored: &StoredLogin,
+    ) -> Result<Verified, CustodyError> {
         let mut v = self
             .realm
             .verify(&stored.access_token)
@@ -345,14 +353,18 @@ impl Custody {
                 AuthError::Unavailable => CustodyError::NotReady,
                 _ => CustodyError::Rejected,
             })?;
-        v.source = Some(Arc::from(sid));
+        v.source = Some(Arc::from(login_id));
         Ok(v)
     }
 
-    /// Refreshes a session's tokens. Concurrent calls for one session share one request; a rotated refresh token is
-    /// stored. `Rejected` (Keycloak said `invalid_grant`...) drops the stored session.
-    pub async fn refresh(&self, sid: &str) -> Result<StoredSession, CustodyError> {
-        let stored = self.store.get(sid).await.ok_or(CustodyError::NoSession)?;
+    /// Refreshes a login's tokens. Concurrent calls for one login share one request; a rotated refresh token is
+    /// stored. `Rejected` (Keycloak said `invalid_grant`...) drops the stored login.
+    pub async fn refresh(&self, login_id: &str) -> Result<StoredLogin, CustodyError> {
+        let stored = self
+            .store
+            .get(login_id)
+            .await
+            .ok_or(CustodyError::NoLogin)?;
         let key = stored.refresh_token.clone();
         let result = self
             .refreshes
@@ -361,24 +373,21 @@ impl Custody {
             .map_err(|e: Arc<CustodyError>| (*e).clone());
         match result {
             Ok(new) => {
-                // Do not resurrect a session logged out meanwhile.
-                if self.store.get(sid).await.is_some() {
-                    self.store.put(sid, new.clone()).await;
+                // Do not resurrect a login logged out meanwhile.
+                if self.store.get(login_id).await.is_some() {
+                    self.store.put(login_id, new.clone()).await;
                 }
                 Ok(new)
             }
             Err(CustodyError::Rejected) => {
-                self.store.remove(sid).await;
+                self.store.remove(login_id).await;
                 Err(CustodyError::Rejected)
             }
             Err(e) => Err(e),
         }
     }
 
-    async fn exchange_refresh(
-        &self,
-        stored: &StoredSession,
-    ) -> Result<StoredSession, CustodyError> {
+    async fn exchange_refresh(&self, stored: &StoredLogin) -> Result<StoredLogin, CustodyError> {
         let client = self.client()?;
         let token = RefreshToken::new(stored.refresh_token.to_string());
         let resp = client
@@ -447,9 +456,9 @@ impl Custody {
             .await
     }
 
-    /// Drops a session and returns where to send the browser for the realm's logout (RP-initiated logout).
-    pub async fn logout(&self, sid: &str) -> (Option<StoredSession>, Option<String>) {
-        let stored = self.store.remove(sid).await;
+    /// Drops a login and returns where to send the browser for the realm's logout (RP-initiated logout).
+    pub async fn logout(&self, login_id: &str) -> (Option<StoredLogin>, Option<String>) {
+        let stored = self.store.remove(login_id).await;
         let end = self
             .realm
             .discovery()
@@ -477,12 +486,12 @@ impl Custody {
         (stored, end)
     }
 
-    /// OpenID Connect Back-Channel Logout 1.0: verifies the logout token and drops the sessions it names. Returns
-    /// the dropped sessions (id and tokens) so their tabs can be closed.
+    /// OpenID Connect Back-Channel Logout 1.0: verifies the logout token and drops the logins it names (by Keycloak
+    /// session or by user). Returns the dropped logins (id and tokens) so their tabs can be closed.
     pub async fn backchannel_logout(
         &self,
         logout_token: &str,
-    ) -> Result<Vec<(String, StoredSession)>, CustodyError> {
+    ) -> Result<Vec<(String, StoredLogin)>, CustodyError> {
         #[derive(Deserialize)]
         struct LogoutClaims {
             iat: Option<u64>,
@@ -544,16 +553,16 @@ impl Custody {
             return Err(CustodyError::BadLogoutToken("replayed (jti already seen)"));
         }
         let mut dropped = Vec::new();
-        for sid in self
+        for login_id in self
             .store
             .find(claims.sid.as_deref(), claims.sub.as_deref())
             .await
         {
-            if let Some(s) = self.store.remove(&sid).await {
-                dropped.push((sid, s));
+            if let Some(s) = self.store.remove(&login_id).await {
+                dropped.push((login_id, s));
             }
         }
-        tracing::info!(sessions = dropped.len(), "back-channel logout");
+        tracing::info!(logins = dropped.len(), "back-channel logout");
         Ok(dropped)
     }
 }
@@ -595,8 +604,8 @@ mod tests {
     }
 
     #[test]
-    fn session_ids_are_long_and_distinct() {
-        let (a, b) = (new_session_id(), new_session_id());
+    fn login_ids_are_long_and_distinct() {
+        let (a, b) = (new_login_id(), new_login_id());
         assert_ne!(a, b);
         assert_eq!(a.len(), 43);
     }

@@ -15,23 +15,34 @@ use super::{Custody, CustodyError};
 use crate::app::App;
 use crate::auth::credential;
 use crate::close_codes;
+use crate::responses::json_error;
 
-/// `/auth/*` routes (present only when custody is enabled).
-pub fn router() -> Router<Arc<App>> {
+/// `/auth/*` routes, for the server to mount only when custody is enabled (without it these paths are the
+/// framework's 404, like any unknown path). Each handler is handed the enabled [`Custody`] itself instead of
+/// checking `App::custody` at every request.
+pub fn router(custody: Arc<Custody>) -> Router<Arc<App>> {
+    let c = custody;
     Router::new()
-        .route("/auth/login", get(login))
-        .route("/auth/callback", get(callback))
-        .route("/auth/me", get(me))
-        .route("/auth/logout", post(logout))
-        .route("/auth/backchannel-logout", post(backchannel_logout))
-}
-
-fn not_enabled() -> Response {
-    json_error(StatusCode::NOT_FOUND, "token custody is not enabled")
-}
-
-fn json_error(status: StatusCode, message: &str) -> Response {
-    (status, Json(json!({ "error": message }))).into_response()
+        .route("/auth/login", {
+            let c = c.clone();
+            get(move |q| login(c, q))
+        })
+        .route("/auth/callback", {
+            let c = c.clone();
+            get(move |q| callback(c, q))
+        })
+        .route("/auth/me", {
+            let c = c.clone();
+            get(move |app, headers| me(c, app, headers))
+        })
+        .route("/auth/logout", {
+            let c = c.clone();
+            post(move |app, headers| logout(c, app, headers))
+        })
+        .route(
+            "/auth/backchannel-logout",
+            post(move |app, form| backchannel_logout(c, app, form)),
+        )
 }
 
 fn page(status: StatusCode, title: &str, message: &str) -> Response {
@@ -61,7 +72,7 @@ fn redirect(to: &str) -> Response {
     r
 }
 
-/// The session cookie, set or cleared.
+/// The login cookie (named by `custody.cookie_name`), set or cleared.
 fn cookie(c: &Custody, value: &str, max_age_secs: u64) -> HeaderValue {
     let cfg = c.config();
     let secure = if cfg.cookie_secure { "; Secure" } else { "" };
@@ -77,10 +88,7 @@ struct LoginQuery {
     redirect: Option<String>,
 }
 
-async fn login(State(app): State<Arc<App>>, Query(q): Query<LoginQuery>) -> Response {
-    let Some(c) = app.custody.as_ref() else {
-        return not_enabled();
-    };
+async fn login(c: Arc<Custody>, Query(q): Query<LoginQuery>) -> Response {
     match c.login_url(q.redirect.as_deref()).await {
         Ok(url) => redirect(&url),
         Err(CustodyError::BadRedirect) => json_error(
@@ -103,10 +111,7 @@ struct CallbackQuery {
     error_description: Option<String>,
 }
 
-async fn callback(State(app): State<Arc<App>>, Query(q): Query<CallbackQuery>) -> Response {
-    let Some(c) = app.custody.as_ref() else {
-        return not_enabled();
-    };
+async fn callback(c: Arc<Custody>, Query(q): Query<CallbackQuery>) -> Response {
     if let Some(e) = q.error {
         let why = q.error_description.unwrap_or(e);
         return page(StatusCode::BAD_REQUEST, "Login refused", &why);
@@ -119,14 +124,14 @@ async fn callback(State(app): State<Arc<App>>, Query(q): Query<CallbackQuery>) -
         );
     };
     match c.callback(&code, &state).await {
-        Ok((sid, stored, to)) => {
+        Ok((login_id, stored, to)) => {
             let max_age = stored
                 .refresh_expires
                 .saturating_duration_since(std::time::Instant::now())
                 .as_secs();
             let mut r = redirect(&to);
             r.headers_mut()
-                .insert(header::SET_COOKIE, cookie(c, &sid, max_age));
+                .insert(header::SET_COOKIE, cookie(&c, &login_id, max_age));
             r
         }
         Err(e @ CustodyError::UnknownState) => {
@@ -136,18 +141,16 @@ async fn callback(State(app): State<Arc<App>>, Query(q): Query<CallbackQuery>) -
     }
 }
 
-fn session_id(c: &Custody, headers: &HeaderMap) -> Option<String> {
+/// The login id the request's cookie carries.
+fn login_id_of(c: &Custody, headers: &HeaderMap) -> Option<String> {
     credential::cookie(headers, &c.config().cookie_name)
 }
 
-async fn me(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    let Some(c) = app.custody.as_ref() else {
-        return not_enabled();
-    };
-    let Some(sid) = session_id(c, &headers) else {
+async fn me(c: Arc<Custody>, State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let Some(login_id) = login_id_of(&c, &headers) else {
         return json_error(StatusCode::UNAUTHORIZED, "not logged in");
     };
-    match c.store().get(&sid).await {
+    match c.store().get(&login_id).await {
         Some(s) => {
             let tabs = app
                 .hub
@@ -165,33 +168,32 @@ async fn me(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     }
 }
 
-/// Drops the server-side session, closes its tabs with "logged out", and returns the realm's end-session URL.
-async fn logout(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    let Some(c) = app.custody.as_ref() else {
-        return not_enabled();
-    };
+/// Drops the login (its server-side tokens), closes its tabs with "logged out", and returns the realm's end-session
+/// URL.
+async fn logout(c: Arc<Custody>, State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     // SameSite=Lax already keeps cross-site POSTs from carrying the cookie; an explicit foreign Origin is refused too.
     if let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) {
         if !crate::handshake::origin_allowed(&app, origin) {
             return json_error(StatusCode::FORBIDDEN, "origin not allowed");
         }
     }
-    let Some(sid) = session_id(c, &headers) else {
+    let Some(login_id) = login_id_of(&c, &headers) else {
         return json_error(StatusCode::UNAUTHORIZED, "not logged in");
     };
-    let (stored, end) = c.logout(&sid).await;
+    let (stored, end) = c.logout(&login_id).await;
     if let Some(s) = &stored {
-        close_tabs_of(&app, &s.user.id, &sid);
+        close_tabs_of(&app, &s.user.id, &login_id);
     }
     let mut r = Json(json!({"loggedOut": stored.is_some(), "logoutUrl": end})).into_response();
-    r.headers_mut().insert(header::SET_COOKIE, cookie(c, "", 0));
+    r.headers_mut()
+        .insert(header::SET_COOKIE, cookie(&c, "", 0));
     r
 }
 
-fn close_tabs_of(app: &App, user: &str, sid: &str) {
+fn close_tabs_of(app: &App, user: &str, login_id: &str) {
     if let Some(session) = app.hub.get(user) {
         session.close_source(
-            sid,
+            login_id,
             "error",
             serde_json::json!({"message": "You have been logged out.", "loggedOut": true}),
             close_codes::LOGGED_OUT,
@@ -205,19 +207,17 @@ struct LogoutForm {
 }
 
 async fn backchannel_logout(
+    c: Arc<Custody>,
     State(app): State<Arc<App>>,
     form: Result<Form<LogoutForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {
-    let Some(c) = app.custody.as_ref() else {
-        return not_enabled();
-    };
     let Some(token) = form.ok().and_then(|f| f.0.logout_token) else {
         return json_error(StatusCode::BAD_REQUEST, "missing logout_token");
     };
     match c.backchannel_logout(&token).await {
         Ok(dropped) => {
-            for (sid, s) in &dropped {
-                close_tabs_of(&app, &s.user.id, sid);
+            for (login_id, s) in &dropped {
+                close_tabs_of(&app, &s.user.id, login_id);
             }
             let mut r = StatusCode::OK.into_response();
             r.headers_mut()

@@ -1,4 +1,4 @@
-//! Where the server keeps browser sessions' tokens. In memory for now (moka, each entry expiring with its refresh
+//! Where the server keeps logins' tokens. In memory for now (moka, each entry expiring with its refresh
 //! token); the [`TokenStore`] trait is the seam for a shared store (multi-instance failover).
 
 use std::sync::Arc;
@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use tabhub_commands::{BoxFuture, User};
 
-/// One browser session's tokens. Never logged; `Debug` hides the secrets.
+/// One login's tokens (what a login cookie stands for). Never logged; `Debug` hides the secrets.
 #[derive(Clone)]
-pub struct StoredSession {
+pub struct StoredLogin {
     pub user: User,
     /// Keycloak's session id (`sid`), for back-channel logout.
     pub kc_sid: Option<String>,
@@ -22,21 +22,21 @@ pub struct StoredSession {
     pub id_token: Option<Arc<str>>,
 }
 
-impl std::fmt::Debug for StoredSession {
+impl std::fmt::Debug for StoredLogin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StoredSession")
+        f.debug_struct("StoredLogin")
             .field("user", &self.user.id)
             .field("access_exp", &self.access_exp)
             .finish_non_exhaustive()
     }
 }
 
-/// Storage of browser sessions by session id (the cookie's value).
+/// Storage of logins by login id (the cookie's value).
 pub trait TokenStore: Send + Sync {
-    fn get<'a>(&'a self, sid: &'a str) -> BoxFuture<'a, Option<StoredSession>>;
-    fn put<'a>(&'a self, sid: &'a str, session: StoredSession) -> BoxFuture<'a, ()>;
-    fn remove<'a>(&'a self, sid: &'a str) -> BoxFuture<'a, Option<StoredSession>>;
-    /// Session ids whose Keycloak session id or user matches (back-channel logout).
+    fn get<'a>(&'a self, login_id: &'a str) -> BoxFuture<'a, Option<StoredLogin>>;
+    fn put<'a>(&'a self, login_id: &'a str, login: StoredLogin) -> BoxFuture<'a, ()>;
+    fn remove<'a>(&'a self, login_id: &'a str) -> BoxFuture<'a, Option<StoredLogin>>;
+    /// Login ids whose Keycloak session id or user matches (back-channel logout).
     fn find<'a>(
         &'a self,
         kc_sid: Option<&'a str>,
@@ -44,9 +44,9 @@ pub trait TokenStore: Send + Sync {
     ) -> BoxFuture<'a, Vec<String>>;
 }
 
-/// Back-channel logout: with a Keycloak session id, that session (of that user, if `sub` is given too); with only
-/// `sub`, every session of the user.
-pub fn matches_logout(s: &StoredSession, kc_sid: Option<&str>, sub: Option<&str>) -> bool {
+/// Back-channel logout: with a Keycloak session id, the logins made in that Keycloak session (of that user, if `sub`
+/// is given too); with only `sub`, every login of the user.
+pub fn matches_logout(s: &StoredLogin, kc_sid: Option<&str>, sub: Option<&str>) -> bool {
     match (kc_sid, sub) {
         (Some(k), sub) => s.kc_sid.as_deref() == Some(k) && sub.is_none_or(|u| s.user.id == u),
         (None, Some(u)) => s.user.id == u,
@@ -57,14 +57,14 @@ pub fn matches_logout(s: &StoredSession, kc_sid: Option<&str>, sub: Option<&str>
 /// Entries expire at their refresh token's expiry.
 struct RefreshExpiry;
 
-impl moka::Expiry<String, StoredSession> for RefreshExpiry {
-    fn expire_after_create(&self, _: &String, v: &StoredSession, now: Instant) -> Option<Duration> {
+impl moka::Expiry<String, StoredLogin> for RefreshExpiry {
+    fn expire_after_create(&self, _: &String, v: &StoredLogin, now: Instant) -> Option<Duration> {
         Some(v.refresh_expires.saturating_duration_since(now))
     }
     fn expire_after_update(
         &self,
         _: &String,
-        v: &StoredSession,
+        v: &StoredLogin,
         now: Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
@@ -74,14 +74,14 @@ impl moka::Expiry<String, StoredSession> for RefreshExpiry {
 
 /// The in-memory store.
 pub struct MemoryStore {
-    cache: moka::future::Cache<String, StoredSession>,
+    cache: moka::future::Cache<String, StoredLogin>,
 }
 
 impl MemoryStore {
-    pub fn new(max_sessions: u64) -> Self {
+    pub fn new(max_logins: u64) -> Self {
         MemoryStore {
             cache: moka::future::Cache::builder()
-                .max_capacity(max_sessions)
+                .max_capacity(max_logins)
                 .expire_after(RefreshExpiry)
                 .build(),
         }
@@ -89,14 +89,14 @@ impl MemoryStore {
 }
 
 impl TokenStore for MemoryStore {
-    fn get<'a>(&'a self, sid: &'a str) -> BoxFuture<'a, Option<StoredSession>> {
-        Box::pin(self.cache.get(sid))
+    fn get<'a>(&'a self, login_id: &'a str) -> BoxFuture<'a, Option<StoredLogin>> {
+        Box::pin(self.cache.get(login_id))
     }
-    fn put<'a>(&'a self, sid: &'a str, session: StoredSession) -> BoxFuture<'a, ()> {
-        Box::pin(self.cache.insert(sid.to_owned(), session))
+    fn put<'a>(&'a self, login_id: &'a str, login: StoredLogin) -> BoxFuture<'a, ()> {
+        Box::pin(self.cache.insert(login_id.to_owned(), login))
     }
-    fn remove<'a>(&'a self, sid: &'a str) -> BoxFuture<'a, Option<StoredSession>> {
-        Box::pin(self.cache.remove(sid))
+    fn remove<'a>(&'a self, login_id: &'a str) -> BoxFuture<'a, Option<StoredLogin>> {
+        Box::pin(self.cache.remove(login_id))
     }
     fn find<'a>(
         &'a self,

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::config::BrokerConfig;
+use crate::config::{BrokerConfig, BrokerKind};
 use crate::metrics::Metrics;
 use crate::publish::message::Message;
 
@@ -66,7 +66,7 @@ impl Broker {
         handler: Arc<dyn BatchHandler>,
         metrics: Arc<Metrics>,
     ) -> Broker {
-        if config.kind != "redis" {
+        if config.kind != BrokerKind::Redis {
             return Broker::Memory(handler);
         }
         metrics.broker_is_redis.store(true, Ordering::Relaxed);

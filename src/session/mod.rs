@@ -528,7 +528,7 @@ impl Session {
                     }
                     Err(_) => continue,
                 },
-                Err(CustodyError::Rejected | CustodyError::NoSession) => {
+                Err(CustodyError::Rejected | CustodyError::NoLogin) => {
                     self.close_source(
                         src,
                         "error",

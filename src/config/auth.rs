@@ -1,0 +1,117 @@
+//! `[auth]` and `[origins]`: which tokens are accepted, and which pages may open a websocket with them.
+
+use serde::{Deserialize, Serialize};
+
+use super::error::{key_error, ConfigError};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// The realm's issuer URL, e.g. `https://kc.example/realms/renku`. Tokens' `iss` must equal it exactly, and so
+    /// must the discovery document's `issuer`. Required.
+    pub issuer: String,
+    /// Client ids whose tokens are accepted: a token's `azp`, or one of its `aud`, must be one of them. Required.
+    pub client_ids: Vec<String>,
+    /// Require the `typ` claim to be `Bearer` (Keycloak access tokens), so that ID and refresh tokens are refused.
+    pub require_typ_bearer: bool,
+    /// Accepted signature algorithms. Only asymmetric ones are possible: `none` and HMAC are always refused.
+    pub algorithms: Vec<String>,
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds.
+    pub leeway_secs: u64,
+    /// Cookie that may hold an access token (empty: no such cookie is read).
+    pub token_cookie: String,
+    /// First and largest delay between discovery attempts at start.
+    pub discovery_retry_initial_ms: u64,
+    pub discovery_retry_max_ms: u64,
+    /// Timeout of one discovery or JWKS request.
+    pub http_timeout_ms: u64,
+    /// A token with an unknown `kid` triggers a JWKS refetch at most this often.
+    pub jwks_refetch_min_interval_ms: u64,
+    /// The JWKS is also refetched this often (0: never), so that a key the realm withdraws stops being accepted
+    /// even when no token names a new `kid` (Keycloak rotates in the new key long before removing the old one).
+    pub jwks_refresh_interval_ms: u64,
+    /// `authExpiring` is sent this long before the session's token expires.
+    pub expiry_warning_ms: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            issuer: String::new(),
+            client_ids: Vec::new(),
+            require_typ_bearer: true,
+            algorithms: ["RS256", "RS384", "RS512", "PS256", "ES256", "ES384"]
+                .map(String::from)
+                .to_vec(),
+            leeway_secs: 10,
+            token_cookie: String::new(),
+            discovery_retry_initial_ms: 250,
+            discovery_retry_max_ms: 30_000,
+            http_timeout_ms: 5_000,
+            jwks_refetch_min_interval_ms: 10_000,
+            jwks_refresh_interval_ms: 600_000,
+            expiry_warning_ms: 60_000,
+        }
+    }
+}
+
+impl AuthConfig {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.issuer.is_empty() {
+            return Err(key_error(
+                "auth.issuer",
+                "required: the realm's issuer URL, e.g. https://kc.example/realms/renku",
+            ));
+        }
+        let issuer = url::Url::parse(&self.issuer)
+            .map_err(|e| key_error("auth.issuer", format!("not a URL: {e}")))?;
+        if !matches!(issuer.scheme(), "http" | "https") {
+            return Err(key_error("auth.issuer", "must be an http or https URL"));
+        }
+        if self.client_ids.is_empty() {
+            return Err(key_error(
+                "auth.client_ids",
+                "required: at least one accepted client id (azp or aud)",
+            ));
+        }
+        for alg in &self.algorithms {
+            crate::auth::algorithm::parse_algorithm(alg)
+                .map_err(|m| key_error("auth.algorithms", format!("{alg}: {m}")))?;
+        }
+        if self.algorithms.is_empty() {
+            return Err(key_error(
+                "auth.algorithms",
+                "at least one algorithm is needed",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OriginConfig {
+    /// Origins allowed to open a websocket, e.g. `https://renku.example` (scheme, host and port, exactly).
+    pub allowed: Vec<String>,
+    /// Accept upgrades without an `Origin` header (non-browser clients). Never for cookie credentials.
+    pub allow_missing: bool,
+}
+
+impl OriginConfig {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        for (i, o) in self.allowed.iter().enumerate() {
+            let parsed = url::Url::parse(o)
+                .map_err(|e| key_error(&format!("origins.allowed[{i}]"), format!("{o}: {e}")))?;
+            if parsed.origin().ascii_serialization() != *o {
+                return Err(key_error(
+                    &format!("origins.allowed[{i}]"),
+                    format!(
+                        "{o} is not an origin; write it as {}",
+                        parsed.origin().ascii_serialization()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}

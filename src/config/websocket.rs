@@ -1,0 +1,70 @@
+//! `[websocket]`: per-tab frame, buffer and queue sizes, pings and timeouts.
+
+use serde::{Deserialize, Serialize};
+
+use super::error::{key_error, ConfigError};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    /// Largest message a tab may send; a larger frame closes the tab with 1009.
+    pub max_message_bytes: usize,
+    /// Read buffer per tab (tungstenite's default, 128 KiB, would dominate memory).
+    pub read_buffer_bytes: usize,
+    /// Bound of a tab's outbound queue in messages and in bytes; a tab that stops reading is closed with 4009
+    /// when either is reached.
+    pub outbound_queue_messages: usize,
+    pub outbound_queue_bytes: usize,
+    /// Protocol pings to each tab; a tab that sends nothing (no pong, no message) for `idle_timeout_ms` is dropped.
+    pub ping_interval_ms: u64,
+    pub idle_timeout_ms: u64,
+    /// Longest a write to a tab may block (a peer whose receive window stays closed) before the tab is dropped.
+    pub write_timeout_ms: u64,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        WebSocketConfig {
+            max_message_bytes: 64 * 1024,
+            read_buffer_bytes: 4 * 1024,
+            outbound_queue_messages: 512,
+            outbound_queue_bytes: 1024 * 1024,
+            ping_interval_ms: 25_000,
+            idle_timeout_ms: 60_000,
+            write_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl WebSocketConfig {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        for (key, v) in [
+            ("websocket.max_message_bytes", self.max_message_bytes),
+            ("websocket.read_buffer_bytes", self.read_buffer_bytes),
+            (
+                "websocket.outbound_queue_messages",
+                self.outbound_queue_messages,
+            ),
+            ("websocket.outbound_queue_bytes", self.outbound_queue_bytes),
+        ] {
+            if v == 0 {
+                return Err(key_error(key, "must be greater than 0"));
+            }
+        }
+        if self.idle_timeout_ms <= self.ping_interval_ms {
+            return Err(key_error(
+                "websocket.idle_timeout_ms",
+                "must be longer than websocket.ping_interval_ms",
+            ));
+        }
+        for (key, v) in [
+            ("websocket.ping_interval_ms", self.ping_interval_ms),
+            ("websocket.write_timeout_ms", self.write_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(key_error(key, "must be greater than 0"));
+            }
+        }
+        Ok(())
+    }
+}
