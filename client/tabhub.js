@@ -16,7 +16,7 @@
 // Close codes and reconnect planning (pure)
 // ---------------------------------------------------------------------------------------------------------------
 
-/** What tabhub's close codes mean and what the client does on each (README, "Close codes"). */
+/** What tabhub's close codes mean and what the client does on each (docs/protocol.md, "Close codes"; docs/client.md, "Reconnection by close code"). */
 export const CLOSE_CODES = Object.freeze({
   1000: { name: "normal closure", decision: "backoff" },
   1001: { name: "going away", decision: "backoff" },

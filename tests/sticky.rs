@@ -18,10 +18,9 @@ use support::{Client, Keycloak};
 use tabhub::demo::gitlab::FixtureGitlab;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-/// The configurations the README documents, as files.
+/// The configurations docs/deployment.md documents (tests/docs.rs checks that it quotes them verbatim).
 const DEPLOY_NGINX: &str = include_str!("../deploy/nginx/tabhub.conf");
 const DEPLOY_HAPROXY: &str = include_str!("../deploy/haproxy/tabhub.cfg");
-const README: &str = include_str!("../README.md");
 
 /// Both instances' `ui_version`.
 const UI_VERSION: &str = "3.40.0";
@@ -229,19 +228,6 @@ async fn assert_routed(cl: &Cluster, tag: &str, ways: &[String], why: &str) {
         ways.contains(&line),
         "{why}: {line:?}, expected one of {ways:?}"
     );
-}
-
-#[tokio::test]
-async fn the_readme_shows_the_tested_configurations() {
-    for (file, text) in [
-        ("deploy/nginx/tabhub.conf", DEPLOY_NGINX),
-        ("deploy/haproxy/tabhub.cfg", DEPLOY_HAPROXY),
-    ] {
-        assert!(
-            README.contains(text),
-            "README.md must quote {file} verbatim"
-        );
-    }
 }
 
 /// Tabs of 16 users, of 16 browsers, and of one user in two browsers: where do they land?

@@ -32,7 +32,7 @@ function prng(seed) {
   };
 }
 
-test("every code of the README's table has the documented decision", () => {
+test("every code of the close-code tables (docs/) has the documented decision", () => {
   const expected = {
     1000: "backoff",
     1006: "backoff",
