@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
 
-echo "== cargo build (the e2e tests run target/debug/tabhub)"
-(cd .. && cargo build --quiet)
+echo "== cargo build (the e2e tests run target/debug/tabhub and the fixture GitLab's target/debug/tabhub-fixtures)"
+(cd .. && cargo build --quiet -p tabhub -p tabhub-fixtures)
 
 echo "== npm ci (client/package-lock.json: playwright-core only)"
 npm ci --no-audit --no-fund --loglevel=error

@@ -13,7 +13,7 @@
 //! - [`hub`]: user -> session; [`session`]: tabs, token, loops and snapshots of one user; [`loops`]: the runner;
 //! - [`subscriptions`]: a user's topics and upstream streams (bookkeeping); [`upstream`]: GitLab SSE connections;
 //! - [`backends`]: calls to backends as the user, with backoff; [`protocol`]: the envelope; [`close_codes`];
-//! - [`metrics`]: Prometheus text; [`demo`]: the embedded development issuer for `tabhub demo`.
+//! - [`metrics`]: Prometheus text; `demo` (default feature `demo` only): `tabhub demo`'s setup on the fixtures.
 
 pub mod app;
 pub mod auth;
@@ -26,6 +26,7 @@ pub mod config;
 pub mod connection;
 pub mod context;
 pub mod custody;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod handshake;
 pub mod hub;

@@ -1,5 +1,4 @@
-//! The `tabhub` command line: `serve`, `demo`, `commands`, `connect` (and the hidden `fixtures`, for the browser
-//! tests).
+//! The `tabhub` command line: `serve`, `demo` (default feature `demo` only), `commands`, `connect`.
 
 use std::io::BufRead;
 use std::net::SocketAddr;
@@ -8,7 +7,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use futures_util::{SinkExt, StreamExt};
-use tabhub::{config::Config, demo};
+use tabhub::config::Config;
+#[cfg(feature = "demo")]
+use tabhub::demo;
 use tabhub_commands::Registry;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
@@ -33,19 +34,13 @@ enum Command {
         config: Option<PathBuf>,
     },
     /// Serve the development setup: embedded issuer (alice/alice, bob/bob). FOR DEVELOPMENT ONLY.
+    #[cfg(feature = "demo")]
     Demo {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
-        /// Use this GitLab (e.g. a `tabhub fixtures` process) instead of the embedded fixture GitLab.
+        /// Use this GitLab (e.g. a `tabhub-fixtures` process) instead of the embedded fixture GitLab.
         #[arg(long, hide = true)]
         gitlab_url: Option<String>,
-    },
-    /// Serve only the demo's fixture GitLab (events on projects 1-3), in a process of its own: the browser tests
-    /// restart tabhub under it and check that no event is lost. FOR TESTS ONLY.
-    #[command(hide = true)]
-    Fixtures {
-        #[arg(long, default_value = "127.0.0.1:8081")]
-        listen: SocketAddr,
     },
     /// Print every command with its parameters.
     Commands,
@@ -81,8 +76,8 @@ fn main() -> ExitCode {
                     Config::load(config.as_deref(), std::env::vars()).map_err(|e| e.to_string())?;
                 serve(config, axum::Router::new()).await
             }
+            #[cfg(feature = "demo")]
             Command::Demo { listen, gitlab_url } => run_demo(listen, gitlab_url).await,
-            Command::Fixtures { listen } => run_fixtures(listen).await,
             Command::Commands => {
                 for c in Registry::builtin().describe() {
                     println!("{c}");
@@ -153,6 +148,7 @@ async fn wait_for_signal() -> Result<(), String> {
     Ok(())
 }
 
+#[cfg(feature = "demo")]
 async fn run_demo(listen: SocketAddr, gitlab_url: Option<String>) -> Result<(), String> {
     let base = demo::base_url(listen);
     let issuer = demo::DevIssuer::demo(&base).map_err(|e| format!("demo issuer: {e}"))?;
@@ -187,46 +183,10 @@ async fn run_demo(listen: SocketAddr, gitlab_url: Option<String>) -> Result<(), 
     .await
 }
 
-/// The fixture GitLab alone, until SIGTERM or Ctrl-C: its event ids survive restarts of the tabhub using it.
-async fn run_fixtures(listen: SocketAddr) -> Result<(), String> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    eprintln!("tabhub fixtures: fixture GitLab on http://{listen} (FOR TESTS ONLY)");
-    // Its event streams never end by themselves: on the signal, exit without waiting for them.
-    tokio::select! {
-        r = axum::serve(listener, demo::gitlab_router()) => r.map_err(|e| e.to_string()),
-        r = wait_for_signal() => r,
-    }
-}
-
 async fn connect(url: String, token: Option<String>, user: String) -> Result<(), String> {
     let token = match token {
         Some(t) => t,
-        None => {
-            let http_base = url
-                .replacen("ws://", "http://", 1)
-                .replacen("wss://", "https://", 1);
-            let base = http_base.trim_end_matches("/ws");
-            let resp: serde_json::Value = reqwest::Client::new()
-                .post(format!("{base}/realms/demo/protocol/openid-connect/token"))
-                .form(&[
-                    ("grant_type", "password"),
-                    ("client_id", demo::CLIENT_ID),
-                    ("username", &user),
-                    ("password", &user),
-                ])
-                .send()
-                .await
-                .map_err(|e| format!("token request: {e}"))?
-                .json()
-                .await
-                .map_err(|e| format!("token response: {e}"))?;
-            resp["access_token"]
-                .as_str()
-                .ok_or("the demo issuer gave no access_token")?
-                .to_owned()
-        }
+        None => demo_token(&url, &user).await?,
     };
     let mut req = url
         .as_str()
@@ -269,4 +229,37 @@ async fn connect(url: String, token: Option<String>, user: String) -> Result<(),
             }
         }
     }
+}
+
+/// A token from the demo issuer for `user` (password = user name), for `connect` without `--token`.
+#[cfg(feature = "demo")]
+async fn demo_token(url: &str, user: &str) -> Result<String, String> {
+    let http_base = url
+        .replacen("ws://", "http://", 1)
+        .replacen("wss://", "https://", 1);
+    let base = http_base.trim_end_matches("/ws");
+    let resp: serde_json::Value = reqwest::Client::new()
+        .post(format!("{base}/realms/demo/protocol/openid-connect/token"))
+        .form(&[
+            ("grant_type", "password"),
+            ("client_id", demo::CLIENT_ID),
+            ("username", user),
+            ("password", user),
+        ])
+        .send()
+        .await
+        .map_err(|e| format!("token request: {e}"))?
+        .json()
+        .await
+        .map_err(|e| format!("token response: {e}"))?;
+    resp["access_token"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| "the demo issuer gave no access_token".to_string())
+}
+
+/// Without the demo there is no demo issuer to ask: the token must be given.
+#[cfg(not(feature = "demo"))]
+async fn demo_token(_url: &str, _user: &str) -> Result<String, String> {
+    Err("no token: pass --token or set TABHUB_TOKEN (this build has no demo issuer)".into())
 }

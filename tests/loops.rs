@@ -1,4 +1,4 @@
-//! The Renku loop functions over real sockets, against the fixture gateway (`tabhub::demo::gateway`), which counts
+//! The Renku loop functions over real sockets, against the fixture gateway (`tabhub_fixtures::gateway`), which counts
 //! calls per user (and notes their times) and can be told to change, slow down or fail.
 //!
 //! "One call per tick" is checked against the engine's own count of iterations
@@ -197,7 +197,7 @@ async fn sends_once_per_change_and_nothing_while_unchanged() {
     b.expect_silence(Duration::from_millis(100)).await;
 
     // Volatile fields, key order and the order of the list do not count as changes.
-    let mut body = tabhub::demo::gateway::sessions_v2_fixture();
+    let mut body = tabhub_fixtures::gateway::sessions_v2_fixture();
     body[0]["resources"]["usage"]["cpu"] = json!(0.93);
     body[0]["status"]["will_hibernate_at"] = json!("2026-02-01T00:00:00Z");
     body.as_array_mut().unwrap().reverse();
@@ -209,7 +209,7 @@ async fn sends_once_per_change_and_nothing_while_unchanged() {
     // A real change: exactly one message to each tab, then silence again.
     s.gw.set_sessions_v2(
         &alice,
-        with_v2_state(tabhub::demo::gateway::sessions_v2_fixture(), "stopping"),
+        with_v2_state(tabhub_fixtures::gateway::sessions_v2_fixture(), "stopping"),
     );
     for t in [&mut a, &mut b] {
         let m = expect(t, V2).await;
@@ -222,7 +222,7 @@ async fn sends_once_per_change_and_nothing_while_unchanged() {
     // Another user's change is not alice's.
     s.gw.set_sessions_v2(
         &sub_of("bob"),
-        with_v2_state(tabhub::demo::gateway::sessions_v2_fixture(), "failed"),
+        with_v2_state(tabhub_fixtures::gateway::sessions_v2_fixture(), "failed"),
     );
     s.ticks(V2, 3).await;
     a.expect_silence(Duration::from_millis(200)).await;
@@ -239,7 +239,7 @@ async fn pull_session_status_polls_the_notebooks_api() {
     s.ticks(V1, 3).await;
     a.expect_silence(Duration::from_millis(200)).await;
 
-    let mut body = tabhub::demo::gateway::sessions_fixture();
+    let mut body = tabhub_fixtures::gateway::sessions_fixture();
     let first = body["servers"]
         .as_object_mut()
         .unwrap()
@@ -388,7 +388,7 @@ async fn a_failing_backend_reports_one_error_and_one_recovery() {
 
     s.gw.set_sessions_v2(
         &alice,
-        with_v2_state(tabhub::demo::gateway::sessions_v2_fixture(), "starting"),
+        with_v2_state(tabhub_fixtures::gateway::sessions_v2_fixture(), "starting"),
     );
     expect(&mut a, V2).await;
     expect(&mut b, V2).await;
@@ -599,7 +599,7 @@ async fn the_ui_version_url_is_fetched_once_per_interval_for_all_users() {
         windows(started)
     );
     assert_eq!(
-        gw.calls(Endpoint::UiVersion, tabhub::demo::gateway::ANONYMOUS),
+        gw.calls(Endpoint::UiVersion, tabhub_fixtures::gateway::ANONYMOUS),
         calls,
         "fetched without the users' tokens"
     );

@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use support::process::{free_port, Haproxy, Nginx, Tabhub};
 use support::{Client, Keycloak};
-use tabhub::demo::gitlab::FixtureGitlab;
+use tabhub_fixtures::gitlab::FixtureGitlab;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 /// The configurations docs/deployment.md documents (tests/docs.rs checks that it quotes them verbatim).

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use support::keycloak::sub_of;
 use support::{Client, Keycloak};
 use tabhub::commands::Registry;
-use tabhub::demo::gitlab::FixtureGitlab;
+use tabhub_fixtures::gitlab::FixtureGitlab;
 
 struct Setup {
     kc: Keycloak,

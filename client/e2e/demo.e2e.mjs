@@ -1,6 +1,7 @@
 // End-to-end tests of the browser client and the demo page, in Debian's Chromium (/usr/bin/chromium) driven by
 // playwright-core, against `tabhub demo` on loopback. Run: `node e2e/demo.e2e.mjs` (from client/, after
-// `cargo build`; TABHUB_BIN overrides target/debug/tabhub). Writes test-output/demo.png and the servers' logs.
+// `cargo build -p tabhub -p tabhub-fixtures`; TABHUB_BIN and FIXTURES_BIN override target/debug/tabhub and
+// target/debug/tabhub-fixtures). Writes test-output/demo.png and the servers' logs.
 //
 // 1. The page logs in as alice through token custody (the demo realm's login form), subscribes, events arrive,
 //    and the session-status pushes too.
@@ -16,7 +17,7 @@
 //
 //    Two things would make that check meaningless or impossible, hence this setup:
 //    - The demo's fixture GitLab lives in the demo process, so its event log (and ids) would restart with it. Here
-//      it runs in a process of its own (`tabhub fixtures`, `tabhub demo --gitlab-url`) that outlives the restart.
+//      it runs in a process of its own (`tabhub-fixtures`, `tabhub demo --gitlab-url`) that outlives the restart.
 //    - The login (token custody) lives in tabhub's memory; a restart forgets it (a shared store is future work):
 //      a cookie page then gets 4000, re-checks /auth/me, and stops with "needLogin" (checked below too). So the
 //      restart scenario runs the page in token mode (`/?mode=token&user=alice`): it fetches a demo token from the
@@ -38,6 +39,8 @@ import { chromium } from "playwright-core";
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
 const BIN = process.env.TABHUB_BIN || join(ROOT, "target", "debug", "tabhub");
+// The fixture GitLab's own process: a binary of the fixtures crate, not of the product.
+const FIXTURES_BIN = process.env.FIXTURES_BIN || join(ROOT, "target", "debug", "tabhub-fixtures");
 const OUT = join(ROOT, "test-output");
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 const PROJECTS = ["1", "2", "3"];
@@ -65,10 +68,10 @@ for (const sig of ["SIGINT", "SIGTERM"]) {
 }
 
 let logCount = 0;
-function start(name, args) {
+function start(name, args, bin = BIN) {
   const log = join(OUT, `${name}-${++logCount}.log`);
   const fd = openSync(log, "w");
-  const child = spawn(BIN, args, { stdio: ["ignore", fd, fd], env: { ...process.env, RUST_LOG: "info" } });
+  const child = spawn(bin, args, { stdio: ["ignore", fd, fd], env: { ...process.env, RUST_LOG: "info" } });
   child.log = log;
   children.add(child);
   child.exited = new Promise((resolve) =>
@@ -169,11 +172,12 @@ async function waitReady(child) {
 
 before(async () => {
   assert.ok(existsSync(BIN), `${BIN} is missing: run cargo build first`);
+  assert.ok(existsSync(FIXTURES_BIN), `${FIXTURES_BIN} is missing: run cargo build -p tabhub-fixtures first`);
   assert.ok(existsSync(CHROMIUM), `${CHROMIUM} is missing: apt-get install chromium`);
   gitlabPort = await freePort();
   port = await freePort();
   base = `http://127.0.0.1:${port}`;
-  gitlab = start("fixtures", ["fixtures", "--listen", `127.0.0.1:${gitlabPort}`]);
+  gitlab = start("fixtures", ["--listen", `127.0.0.1:${gitlabPort}`], FIXTURES_BIN);
   await until("the fixture GitLab", async () => (await httpStatus(`http://127.0.0.1:${gitlabPort}/api/v4/projects/1/events/stream`)) === 401);
   tabhub = startTabhub();
   await waitReady(tabhub);

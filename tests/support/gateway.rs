@@ -1,10 +1,10 @@
-//! The fixture Renku gateway (`tabhub::demo::gateway`, the one `tabhub demo` serves) on a listener of its own.
+//! The fixture Renku gateway (`tabhub_fixtures::gateway`, the one `tabhub demo` serves) on a listener of its own.
 
 use std::net::SocketAddr;
 
 // Each test binary uses its own part of the support module.
 #[allow(unused_imports)]
-pub use tabhub::demo::gateway::{Endpoint, Gateway};
+pub use tabhub_fixtures::gateway::{Endpoint, Gateway};
 
 /// Starts a gateway on 127.0.0.1; returns it (to count calls and change answers) and its address.
 pub async fn start() -> (Gateway, SocketAddr) {

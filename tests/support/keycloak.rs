@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
-use tabhub::demo::issuer::{ClientSpec, DevIssuer, RealmOptions, UserSpec};
+use tabhub_fixtures::issuer::{ClientSpec, DevIssuer, RealmOptions, UserSpec};
 
 const KEYS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/keys");
 

@@ -92,8 +92,11 @@ pub fn ws_url(t: &Running) -> String {
 /// Serves a fixture GitLab on 127.0.0.1; returns it and its base URL.
 pub async fn gitlab(
     heartbeat_ms: u64,
-) -> (std::sync::Arc<tabhub::demo::gitlab::FixtureGitlab>, String) {
-    let g = tabhub::demo::gitlab::FixtureGitlab::new(tabhub::demo::gitlab::GitlabOptions {
+) -> (
+    std::sync::Arc<tabhub_fixtures::gitlab::FixtureGitlab>,
+    String,
+) {
+    let g = tabhub_fixtures::gitlab::FixtureGitlab::new(tabhub_fixtures::gitlab::GitlabOptions {
         heartbeat_ms,
         log_capacity: 10_000,
     });

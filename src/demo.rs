@@ -1,20 +1,23 @@
 //! `tabhub demo`: everything on one listener, nothing else to run. FOR DEVELOPMENT ONLY.
 //!
+//! Only with the default cargo feature `demo`: it composes the engine with the fixture servers of the
+//! `tabhub-fixtures` crate (re-exported here), which a `--no-default-features` build leaves out altogether:
+//!
 //! - [`issuer`]: a development issuer shaped like a Keycloak realm at `/realms/demo`;
 //! - [`gitlab`]: a fixture GitLab streaming project events over SSE, with knobs to make it misbehave;
 //! - [`gateway`]: a fixture Renku gateway (sessions, KG activation, UI version) at `/gateway`, whose sessions and
 //!   activations move on their own;
 //!
-//! The same fixture servers serve the integration tests.
+//! What needs the engine stays here: the demo [`config`], the gateway's routes carrying tabhub's version
+//! ([`backends`]) and the demo page ([`page_router`]). The fixture crate itself knows nothing of the engine.
 
-pub mod gateway;
-pub mod gitlab;
-pub mod issuer;
+pub use tabhub_fixtures::{gateway, gitlab, issuer};
+pub use tabhub_fixtures::{
+    gitlab_router, DevIssuer, CLIENT_ID, CUSTODY_CLIENT, CUSTODY_SECRET, DEMO_PROJECTS, USERS,
+};
 
 use std::net::SocketAddr;
 use std::time::Duration;
-
-pub use issuer::{DevIssuer, CLIENT_ID, USERS};
 
 use crate::config::Config;
 
@@ -65,7 +68,7 @@ pub fn config(addr: SocketAddr) -> Config {
     c
 }
 
-const DEMO_PAGE: &str = include_str!("../../client/demo/index.html");
+const DEMO_PAGE: &str = include_str!("../client/demo/index.html");
 
 /// The demo page at `/`: log in (token custody), watch the session, subscribe to the demo projects' topics.
 pub fn page_router() -> axum::Router {
@@ -73,20 +76,6 @@ pub fn page_router() -> axum::Router {
         "/",
         axum::routing::get(|| async { axum::response::Html(DEMO_PAGE) }),
     )
-}
-
-/// The demo realm's confidential client, which tabhub logs browsers in with (token custody).
-pub const CUSTODY_CLIENT: &str = "tabhub";
-pub const CUSTODY_SECRET: &str = "demo-secret";
-
-/// The projects the demo's fixture GitLab emits events on.
-pub const DEMO_PROJECTS: &[&str] = &["1", "2", "3"];
-
-/// Starts the demo's fixture GitLab (events on [`DEMO_PROJECTS`] every second or two) and returns its routes.
-pub fn gitlab_router() -> axum::Router {
-    let g = gitlab::FixtureGitlab::new(gitlab::GitlabOptions::default());
-    g.start_demo_ticker(DEMO_PROJECTS);
-    g.router()
 }
 
 /// The base URL clients use for a listener at `addr`.

@@ -9,8 +9,8 @@ use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
-const KEY: &str = include_str!("../../../fixtures/keys/rs256-a.pem");
-const KID: &str = "fixture-rs256-a";
+const KEY: &str = tabhub_fixtures::keys::RS256_A;
+const KID: &str = tabhub_fixtures::keys::RS256_A_KID;
 /// The realm's public client; tabhub's `auth.client_ids`.
 pub const CLIENT_ID: &str = "bench-ui";
 /// The realm's name: the issuer is `{fixtures}/realms/bench`.

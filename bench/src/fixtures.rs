@@ -27,8 +27,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tabhub::demo::gitlab::{FixtureGitlab, GitlabOptions};
-use tabhub::demo::issuer::{ClientSpec, DevIssuer, RealmOptions};
+use tabhub_fixtures::gitlab::{FixtureGitlab, GitlabOptions};
+use tabhub_fixtures::issuer::{ClientSpec, DevIssuer, RealmOptions};
 
 use crate::procs::unix_ns;
 use crate::tokens;

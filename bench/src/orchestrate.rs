@@ -376,7 +376,9 @@ pub fn self_exe() -> Result<PathBuf, String> {
 }
 
 /// The tabhub binary: `--tabhub`, else `tabhub` beside this binary, rebuilt first when run through cargo (so
-/// `cargo run --release --bin tabhub-bench` measures the tree it was built from).
+/// `cargo run --release -p tabhub-bench` measures the tree it was built from). The bench is a package of its own
+/// that does not depend on the engine: `-p tabhub` names the engine wherever in the workspace cargo runs, and its
+/// binary lands in the same target directory as this one.
 pub fn tabhub_binary(args: &RunArgs) -> Result<PathBuf, String> {
     if let Some(p) = &args.tabhub {
         return Ok(p.clone());
@@ -389,7 +391,8 @@ pub fn tabhub_binary(args: &RunArgs) -> Result<PathBuf, String> {
             .and_then(Path::file_name)
             .is_some_and(|n| n == "release");
         let mut cmd = std::process::Command::new(cargo);
-        cmd.current_dir(dir).args(["build", "--bin", "tabhub"]);
+        cmd.current_dir(dir)
+            .args(["build", "-p", "tabhub", "--bin", "tabhub"]);
         // What `cargo run` sets for the program it runs must not reach this build: some build scripts track
         // these variables (ring: CARGO_MANIFEST_DIR), and a change rebuilds them and everything above them.
         for (k, _) in std::env::vars_os() {
@@ -407,17 +410,17 @@ pub fn tabhub_binary(args: &RunArgs) -> Result<PathBuf, String> {
             cmd.arg("--release");
         }
         eprintln!(
-            "tabhub-bench: cargo build --bin tabhub{}",
+            "tabhub-bench: cargo build -p tabhub --bin tabhub{}",
             if release { " --release" } else { "" }
         );
         let status = cmd.status().map_err(|e| format!("cargo build: {e}"))?;
         if !status.success() {
-            return Err("cargo build --bin tabhub failed".into());
+            return Err("cargo build -p tabhub --bin tabhub failed".into());
         }
     }
     if !sibling.exists() {
         return Err(format!(
-            "{} not found: build it (cargo build --release --bins) or pass --tabhub",
+            "{} not found: build it (cargo build --release -p tabhub) or pass --tabhub",
             sibling.display()
         ));
     }
