@@ -10,7 +10,6 @@ use futures_util::{SinkExt, StreamExt};
 use tabhub::config::Config;
 #[cfg(feature = "demo")]
 use tabhub::demo;
-use tabhub_commands::Registry;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -79,7 +78,7 @@ fn main() -> ExitCode {
             #[cfg(feature = "demo")]
             Command::Demo { listen, gitlab_url } => run_demo(listen, gitlab_url).await,
             Command::Commands => {
-                for c in Registry::builtin().describe() {
+                for c in tabhub::commands::builtin().describe() {
                     println!("{c}");
                 }
                 Ok(())
@@ -111,7 +110,7 @@ async fn serve(config: Config, extra: axum::Router) -> Result<(), String> {
     init_logging(&config);
     let listener =
         listen(config.listen).map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
-    let running = tabhub::start(listener, config, Registry::builtin(), extra)
+    let running = tabhub::start(listener, config, tabhub::commands::builtin(), extra)
         .await
         .map_err(|e| e.to_string())?;
     tracing::info!(addr = %running.local_addr(), instance = %running.app().instance, "listening");

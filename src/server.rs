@@ -113,14 +113,14 @@ pub async fn start(
     });
     app.broker.start(app.stop.clone());
     // Token custody's `/auth/*` routes exist only when it is enabled.
-    let custody_routes = app.custody.clone().map(crate::custody::routes::router);
+    let custody_routes = app.custody.clone().map(crate::routes::custody::router);
     let router = Router::new()
         .route("/ws", get(crate::handshake::upgrade))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(custody_routes.unwrap_or_default())
-        .merge(crate::publish::api::router())
+        .merge(crate::routes::publish::router())
         .with_state(app.clone())
         .merge(crate::client_assets::router())
         .merge(extra);

@@ -11,10 +11,10 @@ use std::sync::Arc;
 
 use crate::auth::Realm;
 use crate::backends::Backends;
+use crate::channels::Channels;
 use crate::config::Config;
 use crate::custody::Custody;
 use crate::metrics::Metrics;
-use crate::publish::channels::Channels;
 use crate::upstream::Upstream;
 
 /// Why the services could not be built. Fails the start: a client silently built without its timeouts or its

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use support::client::Cred;
 use support::keycloak::{sub_of, TABHUB_CLIENT, TABHUB_SECRET};
 use support::{Client, Keycloak, TokenSpec};
-use tabhub::commands::{Cadence, Command, CommandError, Context, LoopFunction, NoParams, Registry};
+use tabhub::commands::{Cadence, Command, CommandError, Context, LoopFunction, NoParams};
 
 /// Tokens seen by a fixture backend, in order.
 #[derive(Default)]
@@ -90,7 +90,7 @@ async fn setup(access_lifetime: Duration) -> Setup {
     c.custody.cookie_secure = false;
     c.backends.insert("gw".into(), gw_base);
     c.validate().unwrap();
-    let mut registry = Registry::builtin();
+    let mut registry = tabhub::commands::builtin();
     registry.register(Poll);
     let t = tabhub::start(listener, c, registry, axum::Router::new())
         .await
@@ -502,9 +502,14 @@ async fn introspection_sees_revocation_at_the_handshake_and_is_cached() {
     c.custody.redirect_uri = format!("{base}/auth/callback");
     c.custody.introspection = true;
     c.custody.introspection_cache_ms = 60_000;
-    let t = tabhub::start(listener, c, Registry::builtin(), axum::Router::new())
-        .await
-        .unwrap();
+    let t = tabhub::start(
+        listener,
+        c,
+        tabhub::commands::builtin(),
+        axum::Router::new(),
+    )
+    .await
+    .unwrap();
     support::eventually("ready", || t.app().realm.is_ready()).await;
     let url = support::ws_url(&t);
     let token = kc.token("alice");

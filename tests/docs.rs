@@ -87,7 +87,7 @@ fn commands_table_matches_the_registry() {
         );
     }
 
-    let registry = tabhub::commands::Registry::builtin().describe();
+    let registry = tabhub::commands::builtin().describe();
     let registered: BTreeSet<&str> = registry.iter().map(|c| c.name).collect();
     for name in documented.keys() {
         assert!(

@@ -95,7 +95,7 @@ impl Command for Shout {
 }
 
 fn registry(log: &Arc<LoopLog>) -> Registry {
-    let mut r = Registry::builtin();
+    let mut r = tabhub::commands::builtin();
     r.register(Watch(log.clone())).register(Shout);
     r
 }
@@ -112,7 +112,7 @@ async fn each_credential_source_is_accepted() {
     let kc = Keycloak::start().await;
     let mut c = support::config(&kc);
     c.auth.token_cookie = "kc-access".into();
-    let t = support::start(c, Registry::builtin()).await;
+    let t = support::start(c, tabhub::commands::builtin()).await;
     let url = support::ws_url(&t);
     let token = kc.token("alice");
 
@@ -259,7 +259,7 @@ async fn key_rotation_is_picked_up_with_one_refetch() {
     let kc = Keycloak::start().await;
     let mut cfg = support::config(&kc);
     cfg.auth.jwks_refetch_min_interval_ms = 1_000;
-    let t = support::start(cfg, Registry::builtin()).await;
+    let t = support::start(cfg, tabhub::commands::builtin()).await;
     let url = support::ws_url(&t);
     let rotated = TokenSpec::user("alice").key("rs256-b.pem", "fixture-rs256-b");
     tokio::time::sleep(Duration::from_millis(1_100)).await; // past the refetch interval since the start
@@ -362,7 +362,7 @@ async fn a_withdrawn_key_is_refused_after_the_periodic_refresh_without_any_new_k
     let kc = Keycloak::start().await;
     let mut c = support::config(&kc);
     c.auth.jwks_refresh_interval_ms = 300;
-    let t = support::start(c, Registry::builtin()).await;
+    let t = support::start(c, tabhub::commands::builtin()).await;
     let url = support::ws_url(&t);
     let old = kc.mint(&TokenSpec::user("alice"));
     Client::connect(&url, &old).await.close().await;
@@ -403,7 +403,7 @@ async fn bad_origin_is_refused_before_upgrade() {
     let kc = Keycloak::start().await;
     let mut c = support::config(&kc);
     c.origins.allow_missing = false;
-    let t = support::start(c, Registry::builtin()).await;
+    let t = support::start(c, tabhub::commands::builtin()).await;
     let url = support::ws_url(&t);
     let token = kc.token("alice");
     for origin in [Some("https://evil.example"), None] {
@@ -589,7 +589,7 @@ async fn oversized_frame_closes_with_1009() {
     let kc = Keycloak::start().await;
     let mut cfg = support::config(&kc);
     cfg.websocket.max_message_bytes = 1024;
-    let t = support::start(cfg, Registry::builtin()).await;
+    let t = support::start(cfg, tabhub::commands::builtin()).await;
     let mut c = Client::connect(&support::ws_url(&t), &kc.token("alice")).await;
     c.send_raw(&format!(
         r#"{{"type":"ping","data":{{"pad":"{}"}}}}"#,
@@ -624,7 +624,7 @@ async fn init_replies_with_the_version() {
     let mut cfg = support::config(&kc);
     cfg.commands
         .insert("ui_version".into(), toml::Value::String("3.14.0".into()));
-    let t = support::start(cfg, Registry::builtin()).await;
+    let t = support::start(cfg, tabhub::commands::builtin()).await;
     let mut c = Client::connect(&support::ws_url(&t), &kc.token("alice")).await;
     c.send(
         "init",
@@ -743,9 +743,14 @@ async fn healthz_and_readyz() {
     let mut cfg = support::config(&kc);
     cfg.auth.issuer = "http://127.0.0.1:1/realms/none".into();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let t2 = tabhub::start(listener, cfg, Registry::builtin(), axum::Router::new())
-        .await
-        .unwrap();
+    let t2 = tabhub::start(
+        listener,
+        cfg,
+        tabhub::commands::builtin(),
+        axum::Router::new(),
+    )
+    .await
+    .unwrap();
     let r = reqwest::get(format!("http://{}/readyz", t2.local_addr()))
         .await
         .unwrap();

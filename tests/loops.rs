@@ -18,7 +18,6 @@ use serde_json::{json, Value};
 use support::gateway::{Endpoint, Gateway};
 use support::keycloak::sub_of;
 use support::{Client, Keycloak, TokenSpec};
-use tabhub::commands::Registry;
 use tabhub::config::Config;
 use tabhub::Running;
 
@@ -55,7 +54,7 @@ impl Setup {
         tweak(&mut c);
         let short = Duration::from_millis(c.session.short_interval_ms);
         let started = Instant::now();
-        let t = support::start(c, Registry::builtin()).await;
+        let t = support::start(c, tabhub::commands::builtin()).await;
         Setup {
             kc,
             gw,
@@ -571,7 +570,7 @@ async fn the_ui_version_url_is_fetched_once_per_interval_for_all_users() {
         toml::Value::String(format!("http://{addr}/ui-version")),
     );
     gw.set_version("3.40.0");
-    let t = support::start(c, Registry::builtin()).await;
+    let t = support::start(c, tabhub::commands::builtin()).await;
     let started = std::time::Instant::now();
     let url = support::ws_url(&t);
     let mut tabs = Vec::new();

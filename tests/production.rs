@@ -11,7 +11,6 @@ use std::time::Duration;
 use serde_json::json;
 use support::client::Cred;
 use support::{Client, Keycloak};
-use tabhub::commands::Registry;
 
 #[tokio::test]
 async fn connection_and_per_user_tab_limits_have_their_codes() {
@@ -19,7 +18,7 @@ async fn connection_and_per_user_tab_limits_have_their_codes() {
     let mut c = support::config(&kc);
     c.limits.max_connections = 3;
     c.limits.max_tabs_per_user = 2;
-    let t = support::start(c, Registry::builtin()).await;
+    let t = support::start(c, tabhub::commands::builtin()).await;
     let url = support::ws_url(&t);
     let _a1 = Client::connect(&url, &kc.token("alice")).await;
     let _a2 = Client::connect(&url, &kc.token("alice")).await;
@@ -51,7 +50,7 @@ async fn command_flood_gets_errors_then_4008() {
     c.limits.commands_per_second = 2.0;
     c.limits.commands_burst = 5.0;
     c.limits.rate_limit_strikes = 10;
-    let t = support::start(c, Registry::builtin()).await;
+    let t = support::start(c, tabhub::commands::builtin()).await;
     let mut a = Client::connect(&support::ws_url(&t), &kc.token("alice")).await;
     for i in 0..5 {
         a.send("ping", json!({}), Some(json!(i))).await;
@@ -78,7 +77,7 @@ async fn upgrades_per_address_are_rate_limited_with_429() {
     let mut c = support::config(&kc);
     c.limits.upgrades_per_second_per_address = 0.5;
     c.limits.upgrades_burst = 3.0;
-    let t = support::start(c, Registry::builtin()).await;
+    let t = support::start(c, tabhub::commands::builtin()).await;
     let url = support::ws_url(&t);
     for _ in 0..3 {
         Client::connect(&url, &kc.token("alice")).await;
@@ -123,7 +122,7 @@ async fn a_tab_that_stops_reading_is_closed_and_slows_nobody() {
     c.websocket.outbound_queue_messages = 128;
     c.websocket.outbound_queue_bytes = 128 * 1024;
     c.websocket.write_timeout_ms = 500;
-    let t = support::start(c, Registry::builtin()).await;
+    let t = support::start(c, tabhub::commands::builtin()).await;
     let url = support::ws_url(&t);
     let token = kc.token("alice");
     let mut reader = Client::connect(&url, &token).await;
@@ -397,7 +396,7 @@ async fn a_peer_that_never_answers_pings_is_dropped() {
     let mut c = support::config(&kc);
     c.websocket.ping_interval_ms = 100;
     c.websocket.idle_timeout_ms = 400;
-    let t = support::start(c, Registry::builtin()).await;
+    let t = support::start(c, tabhub::commands::builtin()).await;
     let url = support::ws_url(&t);
     // A live client answers pings (tungstenite does it while reading) and stays.
     let mut live = Client::connect(&url, &kc.token("alice")).await;

@@ -9,7 +9,6 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use support::keycloak::{sub_of, PUBLISHER_CLIENT, PUBLISHER_SECRET};
 use support::{Client, Keycloak};
-use tabhub::commands::Registry;
 
 const SECRET: &str = "s3cret-for-tests";
 
@@ -54,7 +53,7 @@ async fn publish(t: &tabhub::Running, bearer: &str, body: Value) -> (u16, Value)
 #[tokio::test]
 async fn user_topic_and_broadcast_targets_reach_exactly_their_tabs() {
     let kc = Keycloak::start().await;
-    let t = support::start(config(&kc), Registry::builtin()).await;
+    let t = support::start(config(&kc), tabhub::commands::builtin()).await;
     let url = support::ws_url(&t);
     let (mut a1, mut a2, mut b) = (
         Client::connect(&url, &kc.token("alice")).await,
@@ -130,7 +129,7 @@ async fn user_topic_and_broadcast_targets_reach_exactly_their_tabs() {
 #[tokio::test]
 async fn a_batch_is_delivered_in_order() {
     let kc = Keycloak::start().await;
-    let t = support::start(config(&kc), Registry::builtin()).await;
+    let t = support::start(config(&kc), tabhub::commands::builtin()).await;
     let mut a = Client::connect(&support::ws_url(&t), &kc.token("alice")).await;
     let messages: Vec<Value> = (0..10)
         .map(|i| json!({"target": {"user": sub_of("alice")}, "type": "step", "data": {"i": i}}))
@@ -145,7 +144,7 @@ async fn a_batch_is_delivered_in_order() {
 #[tokio::test]
 async fn publishers_are_authenticated_and_bodies_checked() {
     let kc = Keycloak::start().await;
-    let t = support::start(config(&kc), Registry::builtin()).await;
+    let t = support::start(config(&kc), tabhub::commands::builtin()).await;
     let ok = json!({"target": {"broadcast": true}, "type": "x", "data": {}});
     let http = reqwest::Client::new();
     let url = format!("http://{}/api/publish", t.local_addr());
@@ -198,7 +197,7 @@ async fn publishers_are_authenticated_and_bodies_checked() {
 #[tokio::test]
 async fn resubscribing_with_last_event_id_gets_what_was_missed() {
     let kc = Keycloak::start().await;
-    let t = support::start(config(&kc), Registry::builtin()).await;
+    let t = support::start(config(&kc), tabhub::commands::builtin()).await;
     let url = support::ws_url(&t);
     let mut a = Client::connect(&url, &kc.token("alice")).await;
     a.send("subscribe", json!({"topic": "/events/a"}), None)
@@ -291,7 +290,7 @@ async fn redis_instance(kc: &Keycloak, redis: &RedisServer, id: &str) -> tabhub:
     c.broker.redis_url = redis.url();
     c.broker.reconnect_initial_ms = 50;
     c.broker.reconnect_max_ms = 200;
-    let t = support::start(c, Registry::builtin()).await;
+    let t = support::start(c, tabhub::commands::builtin()).await;
     support::eventually(&format!("{id} subscribed to Redis"), || {
         t.app().broker.state() == "up"
     })

@@ -8,7 +8,6 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use support::keycloak::sub_of;
 use support::{Client, Keycloak};
-use tabhub::commands::Registry;
 use tabhub_fixtures::gitlab::FixtureGitlab;
 
 struct Setup {
@@ -22,7 +21,7 @@ async fn setup_with(f: impl FnOnce(&mut tabhub::Config)) -> Setup {
     let (gitlab, base) = support::gitlab(100).await;
     let mut c = support::config_with_gitlab(&kc, &base);
     f(&mut c);
-    let t = support::start(c, Registry::builtin()).await;
+    let t = support::start(c, tabhub::commands::builtin()).await;
     Setup { kc, gitlab, t }
 }
 

@@ -19,6 +19,7 @@ mod procs;
 mod publisher;
 mod report;
 mod scenarios;
+mod shape;
 mod tokens;
 
 use std::process::ExitCode;
@@ -30,6 +31,36 @@ fn main() -> ExitCode {
     match cli.command {
         Some(cli::Hidden::Fixtures(a)) => fixtures::main(a),
         Some(cli::Hidden::Client(a)) => clients::main(a),
-        None => orchestrate::main(cli.run),
+        None => run(cli.run),
+    }
+}
+
+/// The orchestrator: runs the scenario on a one-thread runtime.
+fn run(args: cli::RunArgs) -> ExitCode {
+    // One thread: children are spawned from the main thread, which PR_SET_PDEATHSIG ties them to.
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tabhub-bench: runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        tokio::select! {
+            r = scenarios::run(&args) => r,
+            _ = tokio::signal::ctrl_c() => Err("interrupted".into()),
+        }
+    });
+    // Dropping the runtime drops every child handle left: they are killed.
+    drop(rt);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tabhub-bench: {e}");
+            ExitCode::FAILURE
+        }
     }
 }

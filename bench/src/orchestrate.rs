@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{ExitCode, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -13,37 +13,8 @@ use tokio::sync::mpsc;
 
 use crate::cli::RunArgs;
 use crate::procs;
-use crate::scenarios::{self, Shape};
+use crate::shape::Shape;
 use crate::tokens;
-
-pub fn main(args: RunArgs) -> ExitCode {
-    // One thread: children are spawned from the main thread, which PR_SET_PDEATHSIG ties them to.
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("tabhub-bench: runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = rt.block_on(async {
-        tokio::select! {
-            r = scenarios::run(&args) => r,
-            _ = tokio::signal::ctrl_c() => Err("interrupted".into()),
-        }
-    });
-    // Dropping the runtime drops every child handle left: they are killed.
-    drop(rt);
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("tabhub-bench: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
 
 /// A child whose stdout carries JSON lines.
 pub struct Talker {

@@ -21,48 +21,8 @@ use crate::orchestrate::{self, Fixtures, Redis, Tabhub, Talker};
 use crate::procs;
 use crate::publisher::{self, Mix, Outcome};
 use crate::report::{pcts, round3, spread, summary_ms, Report};
+use crate::shape::{Group, Shape};
 use crate::tokens;
-
-/// Users `from..to`, each with `tabs` tabs.
-#[derive(Clone, Debug)]
-pub struct Group {
-    pub name: String,
-    pub from: usize,
-    pub to: usize,
-    pub tabs: usize,
-    /// Tab 0 of each user is reloaded during the loop measurement.
-    pub reload: bool,
-}
-
-#[derive(Clone, Debug)]
-pub struct Shape {
-    pub groups: Vec<Group>,
-    pub topics: usize,
-    /// Publish channels the users are spread over (each tab subscribes to its user's).
-    pub channels: usize,
-    /// tabhub instances (more than one: they share a Redis broker).
-    pub instances: usize,
-    pub rate: f64,
-    pub duration: f64,
-    pub short_interval_ms: u64,
-}
-
-impl Shape {
-    pub fn users(&self) -> usize {
-        self.groups.iter().map(|g| g.to).max().unwrap_or(0)
-    }
-
-    pub fn tabs(&self) -> usize {
-        self.groups.iter().map(|g| (g.to - g.from) * g.tabs).sum()
-    }
-
-    fn tabs_of(&self, user: usize) -> usize {
-        self.groups
-            .iter()
-            .find(|g| user >= g.from && user < g.to)
-            .map_or(0, |g| g.tabs)
-    }
-}
 
 fn uniform(args: &RunArgs, users: usize, tabs: usize) -> Vec<Group> {
     let (u, t) = (args.users.unwrap_or(users), args.tabs.unwrap_or(tabs));

@@ -1,75 +1,12 @@
-//! What a handler and a loop function may do: the traits the engine implements.
+//! What a handler may do: the [`Context`] the engine implements for the tab that sent a message.
 
 use serde_json::Value;
 
-use crate::command::{BoxFuture, CommandError};
+use crate::error::CommandError;
+use crate::future::BoxFuture;
+use crate::loop_context::{LoopContext, Notification};
 use crate::loops::LoopFunction;
-use crate::session_data::SessionData;
 use crate::topic::Topic;
-
-/// The authenticated user of a tab: `sub` and, for display, `preferred_username`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct User {
-    pub id: String,
-    pub name: String,
-}
-
-/// A message for the user's tabs: `{type: kind, data}` in the server envelope.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Notification {
-    pub kind: String,
-    pub data: Value,
-}
-
-impl Notification {
-    pub fn new(kind: impl Into<String>, data: Value) -> Self {
-        Notification {
-            kind: kind.into(),
-            data,
-        }
-    }
-}
-
-/// A backend's answer. `body` is the parsed JSON, or a JSON string when the body is not JSON.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BackendResponse {
-    pub status: u16,
-    pub body: Value,
-}
-
-/// Why a backend call gave no answer. Never carries a token.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BackendError {
-    /// No backend of that name in the configuration.
-    Unconfigured(String),
-    /// The backend failed recently and is in backoff; no request was sent.
-    BackingOff { retry_in_ms: u64 },
-    /// The request took longer than the configured timeout.
-    Timeout,
-    /// Connection refused, reset, DNS, TLS...
-    Network(String),
-    /// The user's token was refused (401) even after using the newest one.
-    Unauthorized,
-    /// The session has no valid token (expired and not renewed); no request was sent.
-    NoToken,
-}
-
-impl std::fmt::Display for BackendError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            BackendError::Unconfigured(name) => write!(f, "backend '{name}' is not configured"),
-            BackendError::BackingOff { retry_in_ms } => {
-                write!(f, "backend unavailable, next attempt in {retry_in_ms} ms")
-            }
-            BackendError::Timeout => f.write_str("backend timed out"),
-            BackendError::Network(m) => write!(f, "backend unreachable: {m}"),
-            BackendError::Unauthorized => f.write_str("backend refused the user's token (401)"),
-            BackendError::NoToken => f.write_str("no valid token for the user"),
-        }
-    }
-}
-
-impl std::error::Error for BackendError {}
 
 /// A handler's view of the tab that sent the message and of the user's session. Everything a loop function may do
 /// (backend calls as the user, shared fetches, session data) a handler may do too.
@@ -109,25 +46,4 @@ pub trait Context: LoopContext {
     fn unsubscribe(&self, topic: &Topic) -> bool;
     /// The topics this tab holds.
     fn subscriptions(&self) -> Vec<Topic>;
-}
-
-/// A loop function's view of the user's session, for one iteration.
-pub trait LoopContext: Send + Sync {
-    /// The session's user.
-    fn user(&self) -> &User;
-    /// Typed state kept by the user's session while it lives (shared by all tabs and by loop functions).
-    fn session_data(&self) -> &SessionData;
-    /// `GET {backends[backend]}{path}` as the user (`Authorization: Bearer` with the session's newest token), with
-    /// the configured timeout and per-backend backoff.
-    fn backend_get<'a>(
-        &'a self,
-        backend: &'a str,
-        path: &'a str,
-    ) -> BoxFuture<'a, Result<BackendResponse, BackendError>>;
-    /// `GET url` without credentials, cached for the long interval and shared by all users: concurrent misses
-    /// share one request. For public documents such as the deployed UI version.
-    fn shared_get<'a>(
-        &'a self,
-        url: &'a str,
-    ) -> BoxFuture<'a, Result<BackendResponse, BackendError>>;
 }

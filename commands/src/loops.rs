@@ -9,8 +9,8 @@ use std::borrow::Cow;
 use std::future::Future;
 use std::sync::Arc;
 
-use crate::command::BoxFuture;
-use crate::context::{LoopContext, Notification};
+use crate::future::BoxFuture;
+use crate::loop_context::{LoopContext, Notification};
 
 /// Which of the session's loops runs the function.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -4,8 +4,10 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};
 
-use crate::command::{BoxFuture, Command, CommandError};
+use crate::command::Command;
 use crate::context::Context;
+use crate::error::CommandError;
+use crate::future::BoxFuture;
 
 /// What `tabhub commands` prints for one command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,13 +145,6 @@ impl Registry {
     /// A registry with no command.
     pub fn empty() -> Self {
         Registry::default()
-    }
-
-    /// A registry with every built-in command.
-    pub fn builtin() -> Self {
-        let mut r = Registry::empty();
-        crate::cmd::register_builtin(&mut r);
-        r
     }
 
     /// Adds a command; a command of the same name is replaced (so a deployment may override a built-in).

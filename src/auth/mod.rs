@@ -1,13 +1,11 @@
 //! Authentication against a Keycloak realm: discovery and keys ([`realm`]), access-token verification
 //! ([`verify`]), and where a handshake's credential comes from ([`credential`]).
 
-pub mod algorithm;
 pub mod credential;
 pub mod crypto;
 pub mod realm;
 pub mod verified;
 pub mod verify;
 
-pub use algorithm::parse_algorithm;
 pub use realm::{Discovery, Realm};
 pub use verified::{AuthError, Verified};

@@ -11,9 +11,9 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use tabhub_commands::User;
 
-use super::algorithm::parse_algorithm;
 use super::realm::{Key, KeyKind, Loaded, Realm};
 use super::verified::{AuthError, Verified};
+use crate::config::parse_algorithm;
 
 #[derive(Deserialize)]
 struct Claims {

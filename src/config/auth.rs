@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use jsonwebtoken::Algorithm;
+
 use super::error::{key_error, ConfigError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -75,7 +77,7 @@ impl AuthConfig {
             ));
         }
         for alg in &self.algorithms {
-            crate::auth::algorithm::parse_algorithm(alg)
+            parse_algorithm(alg)
                 .map_err(|m| key_error("auth.algorithms", format!("{alg}: {m}")))?;
         }
         if self.algorithms.is_empty() {
@@ -113,5 +115,19 @@ impl OriginConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// Parses an accepted algorithm name. Symmetric algorithms (HS*) are refused: a realm's public key must never be
+/// usable as an HMAC secret. `none` is not even an algorithm to jsonwebtoken.
+pub fn parse_algorithm(name: &str) -> Result<Algorithm, &'static str> {
+    let alg: Algorithm = name.parse().map_err(|_| {
+        "unknown algorithm (use RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384 or EdDSA)"
+    })?;
+    match alg {
+        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
+            Err("HMAC algorithms are refused: only asymmetric signatures are accepted")
+        }
+        _ => Ok(alg),
     }
 }

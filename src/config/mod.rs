@@ -28,7 +28,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-pub use auth::{AuthConfig, OriginConfig};
+pub use auth::{parse_algorithm, AuthConfig, OriginConfig};
 pub use backend::BackendConfig;
 pub use custody::CustodyConfig;
 pub use drain::DrainConfig;

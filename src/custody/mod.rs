@@ -14,7 +14,6 @@
 //!
 //! Nothing here logs a token, a code or a login id.
 
-pub mod routes;
 pub mod store;
 
 use std::sync::Arc;

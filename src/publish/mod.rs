@@ -6,8 +6,6 @@
 //! Tabs receive `{timestamp, scope, type, data, eventId}` with `scope` `user`, `topic` (plus `topic`) or
 //! `broadcast`; `type` and `data` pass through unchanged (orchestrator-core's `invalidateCache` events too).
 
-pub mod api;
 pub mod broker;
-pub mod channels;
 pub mod deliver;
 pub mod message;

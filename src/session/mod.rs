@@ -28,11 +28,11 @@ use tracing::Instrument;
 
 use crate::auth::{AuthError, Verified};
 use crate::backends::TokenSource;
+use crate::channels::Buffer;
 use crate::close_codes::{self, CloseCode};
 use crate::custody::{Custody, CustodyError};
 use crate::metrics::Metrics;
 use crate::protocol;
-use crate::publish::channels::Buffer;
 use crate::services::Services;
 use crate::subscriptions::{Action, Limits, SubscribeError, Subscriptions};
 use crate::tab::Tab;
@@ -696,6 +696,3 @@ impl LoopContext for Session {
         Box::pin(self.services.backends.shared_get(url))
     }
 }
-
-#[cfg(test)]
-mod tests;

@@ -69,7 +69,7 @@ pub async fn start(config: Config, registry: Registry) -> Running {
 
 /// Starts tabhub with the built-in commands.
 pub async fn start_default(kc: &Keycloak) -> Running {
-    start(config(kc), Registry::builtin()).await
+    start(config(kc), tabhub::commands::builtin()).await
 }
 
 /// Polls `cond` until it holds (bounded by [`WAIT`]).

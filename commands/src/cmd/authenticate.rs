@@ -3,8 +3,9 @@
 
 use serde::Deserialize;
 
-use crate::command::{Command, CommandError};
+use crate::command::Command;
 use crate::context::Context;
+use crate::error::CommandError;
 
 pub struct Authenticate;
 

@@ -11,8 +11,10 @@ use std::sync::{Arc, Mutex};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use crate::command::{Command, CommandError};
-use crate::context::{Context, LoopContext, Notification};
+use crate::command::Command;
+use crate::context::Context;
+use crate::error::CommandError;
+use crate::loop_context::{LoopContext, Notification};
 use crate::loops::{Cadence, LoopError, LoopFunction};
 use crate::settings;
 

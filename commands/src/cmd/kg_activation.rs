@@ -41,8 +41,10 @@ use futures_util::stream::{self, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Map, Number, Value};
 
-use crate::command::{Command, CommandError};
-use crate::context::{BackendError, BackendResponse, Context, LoopContext, Notification};
+use crate::command::Command;
+use crate::context::Context;
+use crate::error::CommandError;
+use crate::loop_context::{BackendError, BackendResponse, LoopContext, Notification};
 use crate::loops::{Cadence, LoopError, LoopFunction};
 use crate::settings;
 

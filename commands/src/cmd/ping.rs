@@ -2,8 +2,9 @@
 
 use serde_json::json;
 
-use crate::command::{Command, CommandError, NoParams};
+use crate::command::{Command, NoParams};
 use crate::context::Context;
+use crate::error::CommandError;
 
 pub struct Ping;
 

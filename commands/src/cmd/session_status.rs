@@ -36,8 +36,10 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Map, Value};
 
-use crate::command::{Command, CommandError, NoParams};
-use crate::context::{Context, LoopContext, Notification};
+use crate::command::{Command, NoParams};
+use crate::context::Context;
+use crate::error::CommandError;
+use crate::loop_context::{LoopContext, Notification};
 use crate::loops::{Cadence, LoopError, LoopFunction};
 use crate::settings;
 

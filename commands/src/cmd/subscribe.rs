@@ -7,8 +7,10 @@
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::command::{Command, CommandError};
-use crate::context::{Context, Notification};
+use crate::command::Command;
+use crate::context::Context;
+use crate::error::CommandError;
+use crate::loop_context::Notification;
 use crate::topic::Topic;
 
 pub struct Subscribe;

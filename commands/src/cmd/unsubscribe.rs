@@ -4,8 +4,9 @@
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::command::{Command, CommandError};
+use crate::command::Command;
 use crate::context::Context;
+use crate::error::CommandError;
 use crate::topic::Topic;
 
 pub struct Unsubscribe;

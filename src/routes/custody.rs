@@ -11,10 +11,10 @@ use axum::{Form, Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{Custody, CustodyError};
 use crate::app::App;
 use crate::auth::credential;
 use crate::close_codes;
+use crate::custody::{Custody, CustodyError};
 use crate::responses::json_error;
 
 /// `/auth/*` routes, for the server to mount only when custody is enabled (without it these paths are the

@@ -121,3 +121,6 @@ pub async fn recheck_on_withdrawal(hub: Weak<Hub>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -9,13 +9,13 @@ use serde_json::{json, Value};
 use tabhub_commands::{Cadence, LoopError, LoopFunction, Notification, User};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use super::{AttachError, Session};
+use super::Hub;
 use crate::auth::Verified;
 use crate::clock::now_unix;
 use crate::config::Config;
-use crate::hub::Hub;
 use crate::protocol;
 use crate::services::Services;
+use crate::session::{AttachError, Session};
 use crate::tab::{Outbox, Tab};
 
 fn services(tune: impl FnOnce(&mut Config)) -> Arc<Services> {
