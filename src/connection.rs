@@ -40,7 +40,7 @@ pub async fn run<S>(
     let (sink, mut stream) = ws.split();
     let (tab, outbox) = Tab::new(
         app.next_tab_id(),
-        auth.as_ref().ok().and_then(|v| v.source.clone()),
+        auth.as_ref().ok().and_then(|v| v.login.clone()),
         w.outbound_queue_messages,
         w.outbound_queue_bytes,
         app.metrics.clone(),
@@ -123,7 +123,7 @@ impl Drop for Membership {
 fn refuse(tab: &Tab, e: &AuthError) {
     let message = e.to_string();
     let (data, code) = match e {
-        AuthError::Missing | AuthError::NoSession => (
+        AuthError::Missing | AuthError::NoLogin => (
             json!({"message": message, "missingAuth": true}),
             close_codes::MISSING_AUTH,
         ),

@@ -38,9 +38,9 @@ fn header_has(headers: &HeaderMap, name: header::HeaderName, token: &str) -> boo
 async fn authenticate(app: &App, cred: Option<(String, Source)>) -> Result<Verified, AuthError> {
     let verified = match (cred, &app.custody) {
         (None, _) => return Err(AuthError::Missing),
-        (Some((sid, Source::Session)), Some(custody)) => {
-            custody.fresh_token(&sid).await.map_err(|e| match e {
-                CustodyError::NoLogin => AuthError::NoSession,
+        (Some((login_id, Source::Login)), Some(custody)) => {
+            custody.fresh_token(&login_id).await.map_err(|e| match e {
+                CustodyError::NoLogin => AuthError::NoLogin,
                 CustodyError::Rejected => AuthError::Expired,
                 _ => AuthError::Unavailable,
             })?
@@ -138,7 +138,7 @@ pub async fn upgrade(
     let cred = credential::extract(headers, &app.config.auth.token_cookie, session_cookie);
     // Cookies ride along with any cross-site request: with a cookie credential the Origin check is mandatory
     // (cross-site websocket hijacking), whatever `origins.allow_missing` says.
-    let cookie_cred = matches!(cred, Some((_, Source::Cookie | Source::Session)));
+    let cookie_cred = matches!(cred, Some((_, Source::Cookie | Source::Login)));
     match headers
         .get(header::ORIGIN)
         .map(|o| o.to_str().unwrap_or(""))
@@ -158,7 +158,7 @@ pub async fn upgrade(
     let auth = authenticate(&app, cred).await;
     app.metrics.handshakes.inc(&[match &auth {
         Ok(_) => "ok",
-        Err(AuthError::Missing | AuthError::NoSession) => "missing_credential",
+        Err(AuthError::Missing | AuthError::NoLogin) => "missing_credential",
         Err(AuthError::Expired) => "expired",
         Err(AuthError::Revoked) => "revoked",
         Err(AuthError::Invalid(_)) => "invalid_token",

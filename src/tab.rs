@@ -21,9 +21,9 @@ use crate::metrics::Metrics;
 /// The sending side of a tab, shared by the session and the tab's own tasks.
 pub struct Tab {
     pub id: u64,
-    /// The browser session (token custody) the tab authenticated with, if any: logout and refresh failures close
-    /// the tabs of that browser session only. Never logged.
-    pub source: Option<Arc<str>>,
+    /// The token-custody login the tab authenticated with, if any: logout and refresh failures close the tabs of
+    /// that login only. Never logged.
+    pub login: Option<Arc<str>>,
     queue: mpsc::Sender<Utf8Bytes>,
     queued_bytes: AtomicUsize,
     max_bytes: usize,
@@ -58,7 +58,7 @@ impl Drop for Outbox {
 impl Tab {
     pub fn new(
         id: u64,
-        source: Option<Arc<str>>,
+        login: Option<Arc<str>>,
         max_messages: usize,
         max_bytes: usize,
         metrics: Arc<Metrics>,
@@ -66,7 +66,7 @@ impl Tab {
         let (tx, rx) = mpsc::channel(max_messages);
         let tab = Arc::new(Tab {
             id,
-            source,
+            login,
             queue: tx,
             queued_bytes: AtomicUsize::new(0),
             max_bytes,

@@ -17,8 +17,8 @@ pub enum Source {
     Header,
     /// The cookie holding an access token (`auth.token_cookie`).
     Cookie,
-    /// The token-custody session cookie: the value is a session id, not a token.
-    Session,
+    /// Token custody's login cookie: the value is a login id, not a token.
+    Login,
     Subprotocol,
 }
 
@@ -33,7 +33,7 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
-/// Finds the credential of a handshake: an access token, or (with [`Source::Session`]) a custody session id.
+/// Finds the credential of a handshake: an access token, or (with [`Source::Login`]) a custody login id.
 pub fn extract(
     headers: &HeaderMap,
     token_cookie: &str,
@@ -48,8 +48,8 @@ pub fn extract(
         }
     }
     if !session_cookie.is_empty() {
-        if let Some(sid) = cookie(headers, session_cookie) {
-            return Some((sid, Source::Session));
+        if let Some(login_id) = cookie(headers, session_cookie) {
+            return Some((login_id, Source::Login));
         }
     }
     subprotocols(headers)
@@ -102,10 +102,7 @@ mod tests {
             "cookie",
             HeaderValue::from_static("x=1; sess=s1; at=cookietok"),
         );
-        assert_eq!(
-            extract(&h, "", "sess"),
-            Some(("s1".into(), Source::Session))
-        );
+        assert_eq!(extract(&h, "", "sess"), Some(("s1".into(), Source::Login)));
         assert_eq!(
             extract(&h, "at", "sess"),
             Some(("cookietok".into(), Source::Cookie))

@@ -17,9 +17,9 @@ pub struct Verified {
     pub azp: Option<String>,
     /// The token itself, for calls to backends on the user's behalf.
     pub token: Arc<str>,
-    /// The server-side browser session (token custody) the token belongs to, when it came from one; the session
-    /// refreshes through it. Never logged.
-    pub source: Option<Arc<str>>,
+    /// The token-custody login the token belongs to, when it came from one; the user's session refreshes through
+    /// it. Never logged.
+    pub login: Option<Arc<str>>,
 }
 
 /// Why a token was refused.
@@ -34,7 +34,7 @@ pub enum AuthError {
     #[error("token revoked at the identity provider")]
     Revoked,
     #[error("unknown or expired login session: log in again")]
-    NoSession,
+    NoLogin,
     #[error("the identity provider's keys are not loaded yet; try again shortly")]
     Unavailable,
 }

@@ -151,7 +151,7 @@ impl Realm {
             sid: claims.sid,
             azp: claims.azp,
             token: Arc::from(token),
-            source: None,
+            login: None,
         })
     }
 }

@@ -352,7 +352,7 @@ impl Custody {
                 AuthError::Unavailable => CustodyError::NotReady,
                 _ => CustodyError::Rejected,
             })?;
-        v.source = Some(Arc::from(login_id));
+        v.login = Some(Arc::from(login_id));
         Ok(v)
     }
 

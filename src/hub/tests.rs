@@ -34,7 +34,7 @@ fn token(user: &str) -> Verified {
         sid: None,
         azp: None,
         token: Arc::from(format!("token-of-{user}")),
-        source: None,
+        login: None,
     }
 }
 

@@ -192,7 +192,7 @@ async fn logout(c: Arc<Custody>, State(app): State<Arc<App>>, headers: HeaderMap
 
 fn close_tabs_of(app: &App, user: &str, login_id: &str) {
     if let Some(session) = app.hub.get(user) {
-        session.close_source(
+        session.close_login(
             login_id,
             "error",
             serde_json::json!({"message": "You have been logged out.", "loggedOut": true}),

@@ -285,13 +285,13 @@ impl Session {
     }
 
     /// Sends `kind data` to the tabs of one login (token custody), then closes them with `code`.
-    pub fn close_source(&self, source: &str, kind: &str, data: Value, code: CloseCode) {
+    pub fn close_login(&self, login: &str, kind: &str, data: Value, code: CloseCode) {
         let msg = protocol::encode(kind, &data, None);
         for t in self
             .lock()
             .tabs
             .iter()
-            .filter(|t| t.source.as_deref() == Some(source))
+            .filter(|t| t.login.as_deref() == Some(login))
         {
             t.send(msg.clone());
             t.close(code, code.name);
@@ -299,10 +299,10 @@ impl Session {
     }
 
     /// The logins of the tabs, current token's first: where a refresh may come from.
-    fn sources(&self, first: Option<&Arc<str>>) -> Vec<Arc<str>> {
+    fn logins(&self, first: Option<&Arc<str>>) -> Vec<Arc<str>> {
         let mut out: Vec<Arc<str>> = first.into_iter().cloned().collect();
         for t in &self.lock().tabs {
-            if let Some(s) = &t.source {
+            if let Some(s) = &t.login {
                 if !out.contains(s) {
                     out.push(s.clone());
                 }
@@ -495,8 +495,8 @@ impl Session {
             _ => return,
         };
         if let Some(custody) = self.services.custody.clone() {
-            let sources = self.sources(current.source.as_ref());
-            if !sources.is_empty() && self.refresh_from(&custody, &sources).await {
+            let logins = self.logins(current.login.as_ref());
+            if !logins.is_empty() && self.refresh_from(&custody, &logins).await {
                 return;
             }
         }
@@ -517,10 +517,10 @@ impl Session {
     /// Refreshes the session's token through one of its logins. A login whose refresh token is refused has its
     /// tabs told and closed (4002) and the next one is tried. True when a fresh token was installed; false when
     /// the identity provider could not be reached (or no login is left).
-    async fn refresh_from(self: &Arc<Self>, custody: &Custody, sources: &[Arc<str>]) -> bool {
-        for src in sources {
-            match custody.refresh(src).await {
-                Ok(_) => match custody.fresh_token(src).await {
+    async fn refresh_from(self: &Arc<Self>, custody: &Custody, logins: &[Arc<str>]) -> bool {
+        for login in logins {
+            match custody.refresh(login).await {
+                Ok(_) => match custody.fresh_token(login).await {
                     Ok(v) => {
                         self.token.renew(&v);
                         self.rebuild_streams();
@@ -529,8 +529,8 @@ impl Session {
                     Err(_) => continue,
                 },
                 Err(CustodyError::Rejected | CustodyError::NoLogin) => {
-                    self.close_source(
-                        src,
+                    self.close_login(
+                        login,
                         "error",
                         json!({"message": "Your login expired; log in again.", "authExpired": true}),
                         close_codes::TOKEN_EXPIRED,
@@ -550,7 +550,7 @@ fn all_hidden(tabs: &[Arc<Tab>]) -> bool {
 impl TokenHolder for Session {
     fn refresh_tolerance(&self, current: &Verified) -> Option<u64> {
         let custody = self.services.custody.as_ref()?;
-        let can_refresh = !self.sources(current.source.as_ref()).is_empty();
+        let can_refresh = !self.logins(current.login.as_ref()).is_empty();
         can_refresh.then(|| custody.config().refresh_tolerance_ms.div_ceil(1000))
     }
 
@@ -566,15 +566,15 @@ impl TokenHolder for Session {
         let Some(custody) = self.services.custody.clone() else {
             return false;
         };
-        let sources = self.sources(current.source.as_ref());
-        self.refresh_from(&custody, &sources).await
+        let logins = self.logins(current.login.as_ref());
+        self.refresh_from(&custody, &logins).await
     }
 
     async fn expire(self: Arc<Self>, current: Verified) {
         tracing::info!(user = %self.user.id, "session token expired without renewal");
         self.end_for_token("Your session's access token expired.", "token expired");
-        if let (Some(custody), Some(src)) = (&self.services.custody, &current.source) {
-            custody.store().remove(src).await;
+        if let (Some(custody), Some(login)) = (&self.services.custody, &current.login) {
+            custody.store().remove(login).await;
         }
     }
 }
