@@ -27,6 +27,8 @@ async fn connection_and_per_user_tab_limits_have_their_codes() {
         .unwrap();
     let (code, msgs) = a3.closed().await;
     assert_eq!(code, Some(4029));
+    // A refused tab is told why, and nothing else: no `init` first.
+    assert_eq!(msgs.len(), 1, "{msgs:?}");
     assert!(
         msgs.iter().any(|m| m["data"]["tooManyTabs"] == true),
         "{msgs:?}"
@@ -37,6 +39,7 @@ async fn connection_and_per_user_tab_limits_have_their_codes() {
         .unwrap();
     let (code, msgs) = over.closed().await;
     assert_eq!(code, Some(1013));
+    assert_eq!(msgs.len(), 1, "{msgs:?}");
     assert!(
         msgs.iter().any(|m| m["data"]["overloaded"] == true),
         "{msgs:?}"
@@ -283,9 +286,13 @@ async fn metrics_expose_every_series() {
         "tabhub_messages_dropped_total",
         "tabhub_outbound_queue_depth",
         "tabhub_token_refreshes_total",
+        "tabhub_slow_consumers_total{reason=\"queue_full\"} 0",
+        "tabhub_slow_consumers_total{reason=\"write_timeout\"} 0",
     ] {
         assert!(text.contains(name), "missing {name} in\n{text}");
     }
+    // The memory broker is always up: no broker gauge that could only ever read 0 or 1 for nothing.
+    assert!(!text.contains("tabhub_broker_up"), "{text}");
 }
 
 /// Spawns the real binary with `config`; returns the child and its address.
