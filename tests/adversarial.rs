@@ -1,0 +1,10 @@
+//! The standing adversarial suite: what one attacker can do, within the rate limits, against real tabhub processes
+//! on 127.0.0.1, each class bounded to a few seconds. Each file under `tests/adversarial/` holds one class; every
+//! test there reproduces an attack that once worked and checks the bound that now holds.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+#[path = "adversarial/commands.rs"]
+mod commands;

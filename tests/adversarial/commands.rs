@@ -1,0 +1,1 @@
+//! Hostile commands: a handler that panics, frames that break the protocol.
