@@ -31,6 +31,8 @@ macro_rules! codes {
 
 codes! {
     NORMAL = 1000, "normal closure", Reconnect;
+    PROTOCOL_ERROR = 1002, "websocket protocol violation", Backoff;
+    INVALID_PAYLOAD = 1007, "text frame that is not UTF-8", Backoff;
     MESSAGE_TOO_BIG = 1009, "message too big", Backoff;
     INTERNAL_ERROR = 1011, "internal error", Backoff;
     SERVICE_RESTART = 1012, "server restarting or draining", Reconnect;

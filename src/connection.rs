@@ -4,10 +4,11 @@
 //! A bad message never closes the socket: it gets an `error` naming the problem, to that tab only.
 
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{Stream, StreamExt};
+use futures_util::{FutureExt, Stream, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
@@ -173,6 +174,16 @@ where
                 tab.close(close_codes::MESSAGE_TOO_BIG, "message too big");
                 return;
             }
+            // RFC 6455 7.4.1: text that is not UTF-8 is 1007, any other violation of the protocol 1002; both are
+            // counted by code in `tabhub_closes_total`, so a misbehaving client shows up.
+            Some(Err(WsError::Utf8(_))) => {
+                tab.close(close_codes::INVALID_PAYLOAD, "invalid UTF-8");
+                return;
+            }
+            Some(Err(WsError::Protocol(_))) => {
+                tab.close(close_codes::PROTOCOL_ERROR, "protocol error");
+                return;
+            }
             Some(Err(_)) => return,
             Some(Ok(m)) => m,
         };
@@ -245,16 +256,24 @@ async fn handle_text(
     } else {
         "(unknown)"
     };
-    let result = tokio::time::timeout(
-        timeout,
-        app.registry.dispatch(&req.kind, req.data.clone(), &ctx),
-    )
-    .await;
+    // A handler that panics is a bug in that command, not a reason to lose the tab: the panic stops at this
+    // boundary, the tab gets an error (never the panic's text, which may quote the request), and reads on.
+    let dispatch = AssertUnwindSafe(app.registry.dispatch(&req.kind, req.data.clone(), &ctx));
+    let result = tokio::time::timeout(timeout, dispatch.catch_unwind()).await;
     let outcome = match result {
-        Ok(Ok(())) => "ok",
-        Ok(Err(e)) => {
+        Ok(Ok(Ok(()))) => "ok",
+        Ok(Ok(Err(e))) => {
             send_error(tab, e.message(), req.id.as_ref());
             e.label()
+        }
+        Ok(Err(_panic)) => {
+            tracing::error!(command = label, "command handler panicked");
+            send_error(
+                tab,
+                "internal error while handling this command",
+                req.id.as_ref(),
+            );
+            "panic"
         }
         Err(_) => {
             send_error(tab, "the command timed out", req.id.as_ref());

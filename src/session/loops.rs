@@ -11,9 +11,11 @@
 //! The runner knows its session only through [`LoopHost`], which the session implements.
 
 use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use rand::Rng;
 use serde_json::{json, Value};
 use tabhub_commands::{Cadence, LoopContext, LoopFunction, Notification};
@@ -199,10 +201,13 @@ async fn iterate<H: LoopHost>(h: &Arc<H>, function: &LoopFunction, name: &str) {
     }
     let timeout = h.loop_timeout();
     let started = Instant::now();
-    let outcome = match tokio::time::timeout(timeout, function.run(h.clone().loop_context())).await
-    {
-        Ok(Ok(notes)) => Ok(notes),
-        Ok(Err(e)) => Err(e.0),
+    // A function that panics fails this iteration like any error (told once to the tabs) and runs again at the
+    // next tick: a bug in one command's loop must not silently stop it, nor take the session down.
+    let run = AssertUnwindSafe(function.run(h.clone().loop_context())).catch_unwind();
+    let outcome = match tokio::time::timeout(timeout, run).await {
+        Ok(Ok(Ok(notes))) => Ok(notes),
+        Ok(Ok(Err(e))) => Err(e.0),
+        Ok(Err(_panic)) => Err("internal error (the function panicked)".to_owned()),
         Err(_) => Err(format!("timed out after {} ms", timeout.as_millis())),
     };
     let metrics = h.metrics();

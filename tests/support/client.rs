@@ -167,6 +167,15 @@ impl Client {
 }
 
 impl Client {
+    /// Writes raw bytes on the socket, under the websocket layer: for frames a well-behaved client never sends.
+    pub async fn send_raw_bytes(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        match self.ws.get_mut() {
+            MaybeTlsStream::Plain(s) => s.write_all(bytes).await.unwrap(),
+            _ => panic!("raw bytes on a plain socket only"),
+        }
+    }
+
     /// Connects with a prepared request (any URL and headers: credentials, cookies, tags), without reading
     /// anything.
     pub async fn connect_request(
