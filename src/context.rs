@@ -87,8 +87,7 @@ impl Context for TabContext<'_> {
         Box::pin(async move {
             let verified = self
                 .services()
-                .realm
-                .verify(token)
+                .verify_token(token)
                 .await
                 .map_err(|e| CommandError::failed(e.to_string()))?;
             if verified.user.id != self.session.user.id {

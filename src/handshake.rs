@@ -45,13 +45,9 @@ async fn authenticate(app: &App, cred: Option<(String, Source)>) -> Result<Verif
                 _ => AuthError::Unavailable,
             })?
         }
-        (Some((token, _)), _) => app.realm.verify(&token).await?,
+        (Some((token, _)), _) => return app.verify_token(&token).await,
     };
-    if let Some(custody) = app.custody.as_ref().filter(|c| c.config().introspection) {
-        if !custody.introspect(&verified.token).await {
-            return Err(AuthError::Revoked);
-        }
-    }
+    app.check_revocation(&verified).await?;
     Ok(verified)
 }
 

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use crate::auth::Realm;
+use crate::auth::{AuthError, Realm, Verified};
 use crate::backends::Backends;
 use crate::channels::Channels;
 use crate::config::Config;
@@ -46,6 +46,23 @@ pub struct Services {
 }
 
 impl Services {
+    /// Verifies an access token as every entry point must: signature, claims, and, with
+    /// `custody.introspection`, not revoked at the identity provider. The handshake and the `authenticate` command
+    /// both come here, so a token refused at one cannot enter through the other.
+    pub async fn verify_token(&self, token: &str) -> Result<Verified, AuthError> {
+        let verified = self.realm.verify(token).await?;
+        self.check_revocation(&verified).await?;
+        Ok(verified)
+    }
+
+    /// With `custody.introspection`, asks the identity provider whether the token is still active (cached).
+    pub async fn check_revocation(&self, verified: &Verified) -> Result<(), AuthError> {
+        match self.custody.as_ref().filter(|c| c.config().introspection) {
+            Some(custody) if !custody.introspect(&verified.token).await => Err(AuthError::Revoked),
+            _ => Ok(()),
+        }
+    }
+
     pub fn new(config: Config) -> Result<Arc<Services>, StartError> {
         crate::auth::crypto::install();
         let metrics = Arc::new(Metrics::default());

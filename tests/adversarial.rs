@@ -7,5 +7,7 @@
 
 mod support;
 
+#[path = "adversarial/authenticate.rs"]
+mod authenticate;
 #[path = "adversarial/commands.rs"]
 mod commands;
