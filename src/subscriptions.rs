@@ -44,6 +44,8 @@ pub enum SubscribeError {
     TooManyTopics(usize),
     #[error("project limit reached: at most {0} projects per user")]
     TooManyProjects(usize),
+    #[error("channel limit reached: at most {0} publish channels per user")]
+    TooManyChannels(usize),
 }
 
 struct Buffered {
@@ -82,6 +84,9 @@ pub struct Stream {
 pub struct Limits {
     pub topics_per_tab: usize,
     pub projects_per_user: usize,
+    /// Distinct publish channels one user's tabs may hold: the instance's channel buffers are shared by everyone,
+    /// so no one user may take them all.
+    pub channels_per_user: usize,
     pub buffer: usize,
 }
 
@@ -202,6 +207,9 @@ impl Subscriptions {
         } = topic
         else {
             // A channel: no upstream; its replay buffer lives with the publish API.
+            if !self.holds(topic) && self.channels_held() >= limits.channels_per_user {
+                return Err(SubscribeError::TooManyChannels(limits.channels_per_user));
+            }
             self.by_tab.entry(tab).or_default().insert(topic.clone());
             return Ok((true, Vec::new(), None));
         };
@@ -366,6 +374,17 @@ impl Subscriptions {
     }
 
     /// Whether any tab holds `topic`.
+    /// Distinct channels the user's tabs hold.
+    fn channels_held(&self) -> usize {
+        let channels: BTreeSet<&Topic> = self
+            .by_tab
+            .values()
+            .flatten()
+            .filter(|t| matches!(t, Topic::Channel(_)))
+            .collect();
+        channels.len()
+    }
+
     pub fn holds(&self, topic: &Topic) -> bool {
         self.by_tab.values().any(|ts| ts.contains(topic))
     }
@@ -505,6 +524,7 @@ mod tests {
     const LIMITS: Limits = Limits {
         topics_per_tab: 3,
         projects_per_user: 2,
+        channels_per_user: 2,
         buffer: 4,
     };
 

@@ -11,3 +11,5 @@ mod support;
 mod authenticate;
 #[path = "adversarial/commands.rs"]
 mod commands;
+#[path = "adversarial/publish.rs"]
+mod publish;

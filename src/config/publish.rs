@@ -20,6 +20,8 @@ pub struct PublishConfig {
     /// Messages kept per channel for tabs resubscribing with a `lastEventId`, and channels with such a buffer.
     pub buffer_events: usize,
     pub max_buffered_topics: usize,
+    /// Distinct channels one user's tabs may hold at once: the channel buffers above are shared by all users.
+    pub max_channels_per_user: usize,
 }
 
 impl PublishConfig {
@@ -41,12 +43,20 @@ impl Default for PublishConfig {
             max_batch: 100,
             buffer_events: 256,
             max_buffered_topics: 10_000,
+            max_channels_per_user: 100,
         }
     }
 }
 
 impl PublishConfig {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_channels_per_user == 0 || self.max_channels_per_user > self.max_buffered_topics
+        {
+            return Err(key_error(
+                "publish.max_channels_per_user",
+                "must be between 1 and publish.max_buffered_topics",
+            ));
+        }
         for (i, n) in self.namespaces.iter().enumerate() {
             if !n.starts_with('/') || n.starts_with("/project/") || n == "/" {
                 return Err(key_error(

@@ -288,3 +288,32 @@ async fn stop_all_closes_every_tab_with_the_code() {
     }
     assert_eq!(s.metrics.sessions.get(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn commands_wake_a_loop_at_most_once_per_interval() {
+    let s = services(|c| {
+        c.session.short_interval_ms = 5_000;
+        c.session.hidden_interval_ms = 60_000;
+    });
+    let hub = Hub::new(s.clone());
+    let t = FakeTab::new(&s, 1);
+    let session = join(&hub, "alice", &t);
+    let runs = Arc::new(AtomicU32::new(0));
+    session.register_loop(ticker(runs.clone(), |_| false));
+    settle().await;
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    // Forty wakes within one interval: re-adding ids and toggling visibility, as fast as the rate limit allows.
+    for _ in 0..20 {
+        session.run_loop_now("ticker");
+        session.set_hidden(&t.tab, true);
+        session.set_hidden(&t.tab, false);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "one early run, not forty");
+    // After an interval a command may wake it again.
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    let before = runs.load(Ordering::SeqCst);
+    session.run_loop_now("ticker");
+    settle().await;
+    assert_eq!(runs.load(Ordering::SeqCst), before + 1);
+}

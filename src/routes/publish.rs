@@ -164,6 +164,26 @@ fn parse(app: &App, bytes: &[u8]) -> Result<Vec<Message>, String> {
     Ok(out)
 }
 
+/// A message larger than a tab's whole outbound queue could only close every tab it reaches (4009), and again at
+/// every replay: it is refused at publish (413), naming the limit.
+fn check_sizes(app: &App, messages: &[Message]) -> Result<(), String> {
+    let room = app.config.websocket.outbound_queue_bytes;
+    for (i, m) in messages.iter().enumerate() {
+        let topic = match &m.target {
+            Target::Topic(t) => Some(t.as_str()),
+            _ => None,
+        };
+        let size = protocol::encode_published("broadcast", &m.kind, &m.data, &m.id, topic).len();
+        if size > room {
+            return Err(format!(
+                "messages[{i}] takes {size} bytes as delivered, more than a tab can queue \
+                 (websocket.outbound_queue_bytes = {room})"
+            ));
+        }
+    }
+    Ok(())
+}
+
 async fn publish(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
     if let Err(r) = authorize(&app, &headers).await {
         app.metrics.publish_requests.inc(&[r.status().as_str()]);
@@ -184,6 +204,10 @@ async fn publish(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) ->
             return error(StatusCode::BAD_REQUEST, &why);
         }
     };
+    if let Err(why) = check_sizes(&app, &messages) {
+        app.metrics.publish_requests.inc(&["413"]);
+        return error(StatusCode::PAYLOAD_TOO_LARGE, &why);
+    }
     let ids: Vec<String> = messages.iter().map(|m| m.id.clone()).collect();
     match app.broker.publish(&app.instance, messages).await {
         Ok(()) => {

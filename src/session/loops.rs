@@ -49,6 +49,9 @@ struct LoopSlot {
     snapshot: Vec<Notification>,
     /// Whether the last iteration failed: errors are told once per change of state.
     failing: bool,
+    /// When a command or a visibility change last ran the function early: at most once per interval, so that a
+    /// user toggling visibility or re-adding ids cannot multiply the function's backend calls.
+    woken_at: Option<Instant>,
 }
 
 /// The loop functions of one session, by name.
@@ -78,6 +81,7 @@ impl Loops {
                 task,
                 snapshot: Vec::new(),
                 failing: false,
+                woken_at: None,
             },
         );
         true
@@ -96,20 +100,34 @@ impl Loops {
         self.slots.values().flat_map(|s| s.snapshot.iter())
     }
 
-    /// Runs the named function at once.
-    pub(crate) fn wake(&self, name: &str) {
-        if let Some(slot) = self.slots.get(name) {
-            slot.wake.notify_one();
+    /// Runs the named function at once, unless it was already run early within `gap(its cadence)` (its nominal
+    /// interval): then the next regular tick picks the change up. True when woken.
+    pub(crate) fn wake(&mut self, name: &str, gap: impl Fn(Cadence) -> Duration) -> bool {
+        self.slots
+            .get_mut(name)
+            .is_some_and(|slot| Self::wake_slot(slot, &gap))
+    }
+
+    /// Runs every short-loop function at once (a tab became visible), with the same bound as [`Loops::wake`].
+    pub(crate) fn wake_short(&mut self, gap: impl Fn(Cadence) -> Duration) {
+        for slot in self.slots.values_mut() {
+            if slot.cadence == Cadence::Short {
+                Self::wake_slot(slot, &gap);
+            }
         }
     }
 
-    /// Runs every short-loop function at once (a tab became visible).
-    pub(crate) fn wake_short(&self) {
-        for slot in self.slots.values() {
-            if slot.cadence == Cadence::Short {
-                slot.wake.notify_one();
-            }
+    fn wake_slot(slot: &mut LoopSlot, gap: &impl Fn(Cadence) -> Duration) -> bool {
+        let now = Instant::now();
+        if slot
+            .woken_at
+            .is_some_and(|at| now.duration_since(at) < gap(slot.cadence))
+        {
+            return false;
         }
+        slot.woken_at = Some(now);
+        slot.wake.notify_one();
+        true
     }
 
     /// Stops every function.

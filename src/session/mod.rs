@@ -69,13 +69,36 @@ pub struct SubscribeReply<'a> {
 }
 
 impl SubscribeReply<'_> {
-    fn encode(self, added: bool) -> Utf8Bytes {
+    /// The reply with `added`, and `gap: true` when the tab missed more than could be replayed.
+    fn encode(self, added: bool, gap: bool) -> Utf8Bytes {
         let mut data = self.note.data;
         if let Value::Object(m) = &mut data {
             m.insert("added".into(), Value::Bool(added));
+            if gap {
+                m.insert("gap".into(), Value::Bool(true));
+            }
         }
         protocol::encode(&self.note.kind, &data, self.id)
     }
+}
+
+/// The newest of `missed` that fit in half a tab's outbound queue (messages and bytes), so that a replay can never
+/// close the tab it resumes as a slow consumer; true when older ones were left out.
+fn fit_replay(
+    mut missed: Vec<Utf8Bytes>,
+    max_messages: usize,
+    max_bytes: usize,
+) -> (Vec<Utf8Bytes>, bool) {
+    let (mut n, mut bytes) = (0, 0);
+    for m in missed.iter().rev() {
+        if n + 1 > max_messages / 2 || bytes + m.len() > max_bytes / 2 {
+            break;
+        }
+        n += 1;
+        bytes += m.len();
+    }
+    let skipped = missed.len() - n;
+    (missed.split_off(skipped), skipped > 0)
 }
 
 pub struct Session {
@@ -158,7 +181,7 @@ impl Session {
             tab.send(protocol::encode(&n.kind, &n.data, None));
         }
         if all_hidden && !tab.is_hidden() {
-            inner.loops.wake_short();
+            inner.loops.wake_short(self.wake_gap());
         }
         drop(inner);
         self.token.offer(token);
@@ -349,15 +372,29 @@ impl Session {
     }
 
     pub fn run_loop_now(&self, name: &str) {
-        self.lock().loops.wake(name);
+        let gap = self.wake_gap();
+        self.lock().loops.wake(name, gap);
+    }
+
+    /// How soon a loop may be run early again: its nominal interval.
+    fn wake_gap(&self) -> impl Fn(Cadence) -> Duration {
+        let s = &self.services.config.session;
+        let (short, long) = (s.short_interval_ms, s.long_interval_ms);
+        move |cadence| {
+            Duration::from_millis(match cadence {
+                Cadence::Short => short,
+                Cadence::Long => long,
+            })
+        }
     }
 
     /// Marks a tab hidden or visible; when the first tab becomes visible again, the short loops run at once.
     pub fn set_hidden(&self, tab: &Tab, hidden: bool) {
-        let inner = self.lock();
+        let gap = self.wake_gap();
+        let mut inner = self.lock();
         let was_all_hidden = all_hidden(&inner.tabs);
         if tab.set_hidden(hidden) && was_all_hidden && !hidden {
-            inner.loops.wake_short();
+            inner.loops.wake_short(gap);
         }
     }
 
@@ -368,6 +405,7 @@ impl Session {
         Limits {
             topics_per_tab: g.max_topics_per_tab,
             projects_per_user: g.max_projects_per_user,
+            channels_per_user: self.services.config.publish.max_channels_per_user,
             buffer: g.replay_buffer_events,
         }
     }
@@ -389,7 +427,7 @@ impl Session {
         }
         let (added, replay, action) = inner.subs.subscribe(tab.id, topic, last_event_id, limits)?;
         if let Some(r) = reply {
-            tab.send(r.encode(added));
+            tab.send(r.encode(added, false));
         }
         for msg in replay {
             tab.send(msg);
@@ -420,13 +458,16 @@ impl Session {
         self.services
             .channels
             .add_holder(&topic.to_string(), &self.user.id);
+        let w = &self.services.config.websocket;
+        let missed = last_event_id
+            .and_then(|id| buffer.after(id))
+            .unwrap_or_default();
+        let (replay, gap) = fit_replay(missed, w.outbound_queue_messages, w.outbound_queue_bytes);
         if let Some(r) = reply {
-            tab.send(r.encode(added));
+            tab.send(r.encode(added, gap));
         }
-        if let Some(missed) = last_event_id.and_then(|id| buffer.after(id)) {
-            for msg in missed {
-                tab.send(msg);
-            }
+        for msg in replay {
+            tab.send(msg);
         }
         Ok(added)
     }
