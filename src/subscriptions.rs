@@ -37,7 +37,8 @@ pub enum Action {
     },
 }
 
-/// Why a subscription was refused.
+/// Why a subscription was refused: a limit, named with its value.
+#[allow(clippy::enum_variant_names)]
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubscribeError {
     #[error("topic limit reached: at most {0} topics per tab")]
