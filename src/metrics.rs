@@ -117,7 +117,23 @@ pub struct Metrics {
     pub broker_is_redis: std::sync::atomic::AtomicBool,
     pub published: Family,
     pub publish_requests: Family,
+    /// HTTP connections open and not (yet) upgraded to a tab: bounded by `http.max_pending_connections` plus
+    /// the reserve.
+    pub http_pending: Gauge,
+    /// HTTP connections the server closed or refused, by reason (see [`HTTP_CLOSE_REASONS`]).
+    pub http_closed: Family,
 }
+
+/// Why the server closed an HTTP connection that was not a tab: `header_timeout` (a request's headers did not
+/// arrive within `http.header_read_timeout_ms`, or the reserve's timeout), `idle_timeout` (a keep-alive
+/// connection idle for `http.keepalive_idle_ms`), `over_capacity` (the pending cap and its reserve were full: closed
+/// at accept), `reserve_refused` (a reserve connection whose request was not a health check or an upgrade: 503).
+pub const HTTP_CLOSE_REASONS: [&str; 4] = [
+    "header_timeout",
+    "idle_timeout",
+    "over_capacity",
+    "reserve_refused",
+];
 
 impl Metrics {
     /// The Prometheus text exposition.
@@ -282,6 +298,23 @@ impl Metrics {
             "Publish API requests by status.",
             "counter",
             &["status"],
+        );
+        gauge(
+            &mut out,
+            "tabhub_http_pending_connections",
+            "HTTP connections open and not upgraded to a tab.",
+            self.http_pending.get(),
+        );
+        for reason in HTTP_CLOSE_REASONS {
+            // Every reason shows from the start, at 0, so alerts see the series before the first close.
+            self.http_closed.add(&[reason], 0.0);
+        }
+        self.http_closed.render(
+            &mut out,
+            "tabhub_http_connections_closed_total",
+            "HTTP connections (not tabs) closed or refused by the server, by reason.",
+            "counter",
+            &["reason"],
         );
         out
     }

@@ -13,3 +13,6 @@ mod authenticate;
 mod commands;
 #[path = "adversarial/publish.rs"]
 mod publish;
+
+#[path = "adversarial/slowloris.rs"]
+mod slowloris;

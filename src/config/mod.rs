@@ -16,8 +16,10 @@ mod drain;
 mod env;
 mod error;
 mod gitlab;
+mod http;
 mod limits;
 mod log;
+mod metrics;
 mod publish;
 mod session;
 mod websocket;
@@ -35,8 +37,10 @@ pub use drain::DrainConfig;
 pub use env::{CLIENT_ENV_PREFIX, CONNECT_TOKEN_ENV};
 pub use error::ConfigError;
 pub use gitlab::GitlabConfig;
+pub use http::HttpConfig;
 pub use limits::LimitsConfig;
 pub use log::{LogConfig, LogFormat};
+pub use metrics::{Cidr, MetricsConfig};
 pub use publish::{BrokerConfig, BrokerKind, PublishConfig};
 pub use session::SessionConfig;
 pub use websocket::WebSocketConfig;
@@ -45,7 +49,7 @@ pub use websocket::WebSocketConfig;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Address of the one listener (websocket, health, metrics, auth).
+    /// Address of the main listener (websocket, health, auth, publish; metrics unless `metrics.listen` is set).
     pub listen: SocketAddr,
     /// This instance's id, shown in `init` so one can tell instances apart behind a load balancer. Empty: host name
     /// and process id.
@@ -57,6 +61,8 @@ pub struct Config {
     pub session: SessionConfig,
     pub backend: BackendConfig,
     pub limits: LimitsConfig,
+    pub http: HttpConfig,
+    pub metrics: MetricsConfig,
     pub drain: DrainConfig,
     pub gitlab: GitlabConfig,
     pub custody: CustodyConfig,
@@ -80,6 +86,8 @@ impl Default for Config {
             session: SessionConfig::default(),
             backend: BackendConfig::default(),
             limits: LimitsConfig::default(),
+            http: HttpConfig::default(),
+            metrics: MetricsConfig::default(),
             drain: DrainConfig::default(),
             gitlab: GitlabConfig::default(),
             custody: CustodyConfig::default(),
@@ -138,6 +146,8 @@ impl Config {
         self.session.validate()?;
         self.backend.validate(&self.session)?;
         self.limits.validate()?;
+        self.http.validate()?;
+        self.metrics.validate()?;
         self.gitlab.validate()?;
         self.broker.validate()?;
         self.publish.validate()?;
