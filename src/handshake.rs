@@ -52,7 +52,7 @@ async fn authenticate(app: &App, cred: Option<(String, Source)>) -> Result<Verif
 }
 
 /// The client's address: the peer, or behind a trusted proxy the last `X-Forwarded-For` entry.
-fn client_address(app: &App, peer: SocketAddr, headers: &HeaderMap) -> std::net::IpAddr {
+pub(crate) fn client_address(app: &App, peer: SocketAddr, headers: &HeaderMap) -> std::net::IpAddr {
     if app.config.limits.trust_forwarded_for {
         let last = headers
             .get_all("x-forwarded-for")

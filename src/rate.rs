@@ -1,4 +1,4 @@
-//! Token buckets: per tab for commands, per client address for upgrades.
+//! Token buckets: per tab for commands, per client address for upgrades and for custody's login routes.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -48,15 +48,19 @@ impl Bucket {
     }
 }
 
-/// One bucket per address. Buckets that refilled completely are forgotten when the map grows, so its size stays
-/// bounded by the addresses active within one refill period.
+/// One bucket per address, in a map bounded by [`MAX_ADDRESSES`]: the limiter faces unauthenticated peers, and an
+/// attacker with many source addresses (an IPv6 prefix holds billions) must not grow it without end. When the map is
+/// full, buckets that refilled completely are forgotten first (forgetting them changes nothing: a new bucket starts
+/// full); if the addresses are all still active, the least recently used half goes (those addresses start again with
+/// a full burst, which is what any new address gets anyway).
 pub struct PerAddress {
     buckets: Mutex<HashMap<IpAddr, Bucket>>,
     rate: f64,
     burst: f64,
 }
 
-const PRUNE_AT: usize = 10_000;
+/// The most addresses a [`PerAddress`] remembers (about 100 bytes each).
+pub const MAX_ADDRESSES: usize = 10_000;
 
 impl PerAddress {
     pub fn new(rate: f64, burst: f64) -> Self {
@@ -69,14 +73,35 @@ impl PerAddress {
 
     /// Takes a token for `addr`.
     pub fn take(&self, addr: IpAddr) -> bool {
-        let now = Instant::now();
+        self.take_at(addr, Instant::now())
+    }
+
+    fn take_at(&self, addr: IpAddr, now: Instant) -> bool {
         let mut m = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if m.len() >= PRUNE_AT {
+        if m.len() >= MAX_ADDRESSES && !m.contains_key(&addr) {
             m.retain(|_, b| !b.idle_full(now));
+            if m.len() >= MAX_ADDRESSES {
+                // Evict the least recently used half: amortized, the next prune is MAX_ADDRESSES / 2 new
+                // addresses away.
+                let mut lasts: Vec<Instant> = m.values().map(|b| b.last).collect();
+                let mid = lasts.len() / 2;
+                let (_, cut, _) = lasts.select_nth_unstable(mid);
+                let cut = *cut;
+                m.retain(|_, b| b.last > cut);
+            }
         }
         m.entry(addr)
             .or_insert_with(|| Bucket::new(self.rate, self.burst))
             .take_at(now)
+    }
+
+    /// How many addresses are remembered.
+    pub fn len(&self) -> usize {
+        self.buckets.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -102,5 +127,24 @@ mod tests {
         assert!(p.take(a));
         assert!(!p.take(a));
         assert!(p.take(b));
+    }
+
+    #[test]
+    fn the_map_stays_bounded_when_every_address_is_active() {
+        // A slow refill: every bucket that took a token stays "active" for the whole test.
+        let p = PerAddress::new(0.001, 1.0);
+        let t0 = Instant::now();
+        for i in 0..(3 * MAX_ADDRESSES as u32) {
+            let addr = IpAddr::from(std::net::Ipv6Addr::from(
+                0x2001_0db8_u128 << 96 | u128::from(i),
+            ));
+            assert!(p.take_at(addr, t0 + Duration::from_micros(u64::from(i))));
+            assert!(p.len() <= MAX_ADDRESSES, "{} addresses remembered", p.len());
+        }
+        // The most recent addresses are still limited.
+        let last = IpAddr::from(std::net::Ipv6Addr::from(
+            0x2001_0db8_u128 << 96 | u128::from(3 * MAX_ADDRESSES as u32 - 1),
+        ));
+        assert!(!p.take_at(last, t0 + Duration::from_secs(1)));
     }
 }

@@ -16,3 +16,6 @@ mod publish;
 
 #[path = "adversarial/slowloris.rs"]
 mod slowloris;
+
+#[path = "adversarial/login.rs"]
+mod login;

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use support::browser::{location, sets_cookie, Browser};
 use support::client::Cred;
 use support::keycloak::{sub_of, TABHUB_CLIENT, TABHUB_SECRET};
 use support::{Client, Keycloak, TokenSpec};
@@ -109,20 +110,24 @@ async fn setup(access_lifetime: Duration) -> Setup {
     }
 }
 
-fn location(r: &reqwest::Response) -> String {
-    r.headers()["location"].to_str().unwrap().to_owned()
-}
-
 impl Setup {
-    /// Logs in through the fixture realm (auto-approving alice); returns the login cookie `name=value`.
+    /// Logs in through the fixture realm (auto-approving alice) in a new browser (its own cookie jar: the login
+    /// cookie set at `/auth/login` goes back to `/auth/callback`); returns the login cookie `name=value`.
     async fn login(&self, redirect: &str) -> String {
-        let r = self
-            .http
-            .get(format!("{}/auth/login?redirect={redirect}", self.base))
-            .send()
-            .await
-            .unwrap();
+        let browser = Browser::default();
+        let r = browser
+            .get(&format!("{}/auth/login?redirect={redirect}", self.base))
+            .await;
         assert_eq!(r.status(), 302);
+        let pending = sets_cookie(&r, "tabhub_login").expect("a pending login cookie");
+        for attr in [
+            "HttpOnly",
+            "SameSite=Lax",
+            "Path=/auth/callback",
+            "Max-Age=600",
+        ] {
+            assert!(pending.contains(attr), "{pending}");
+        }
         let to_kc = location(&r);
         assert!(to_kc.starts_with(&self.kc.issuer()), "{to_kc}");
         for p in [
@@ -136,17 +141,22 @@ impl Setup {
                 "authorization request lacks {p}: {to_kc}"
             );
         }
-        let r = self.http.get(&to_kc).send().await.unwrap();
+        let r = browser.get(&to_kc).await;
         assert_eq!(r.status(), 302, "{:?}", r.text().await);
         let back = location(&r);
         assert!(
             back.starts_with(&format!("{}/auth/callback?", self.base)),
             "{back}"
         );
-        let r = self.http.get(&back).send().await.unwrap();
+        let r = browser.get(&back).await;
         assert_eq!(r.status(), 302);
         assert_eq!(location(&r), redirect);
-        let cookie = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+        assert_eq!(
+            browser.cookie("tabhub_login"),
+            None,
+            "the callback clears the pending login"
+        );
+        let cookie = sets_cookie(&r, "tabhub_session").expect("a login cookie");
         for attr in ["HttpOnly", "SameSite=Lax", "Path=/"] {
             assert!(cookie.contains(attr), "{cookie}");
         }

@@ -27,8 +27,22 @@ pub struct CustodyConfig {
     pub allowed_redirect_origins: Vec<String>,
     /// Refresh this long before the access token expires (Renku: 10 s).
     pub refresh_tolerance_ms: u64,
-    /// How long a login may take between `/auth/login` and `/auth/callback`.
+    /// How long a login may take between `/auth/login` and `/auth/callback`: the pending login cookie's lifetime,
+    /// checked against the time sealed inside it (not only the browser's `Max-Age`).
     pub login_timeout_ms: u64,
+    /// The short-lived cookie that carries a pending login (state, nonce, PKCE verifier, redirect) from
+    /// `/auth/login` to `/auth/callback`, sealed with `login_cookie_key`. Nothing is kept server-side between the
+    /// two, so an unauthenticated flood of `/auth/login` costs no memory; and the callback's `state` must match the
+    /// cookie of the browser that started the login (login CSRF).
+    pub login_cookie_name: String,
+    /// 32 bytes, base64: the AES-256-GCM key sealing the pending login cookie. Instances behind one load balancer
+    /// share it, so a login started on one completes on another. Empty: a random key per process (a single
+    /// instance; a login in flight during a restart is started again). A secret, like `client_secret`.
+    pub login_cookie_key: String,
+    /// `/auth/login` and `/auth/callback` per client address (one token bucket per route, of `logins_burst`);
+    /// beyond: HTTP 429. Behind a proxy, see `limits.trust_forwarded_for`.
+    pub logins_per_second_per_address: f64,
+    pub logins_burst: f64,
     /// Stored logins expire with the refresh token; this lifetime applies when it cannot be read.
     pub default_refresh_lifetime_ms: u64,
     /// RFC 7662 introspection of every handshake's token (revocation seen at once), cached this long.
@@ -53,6 +67,10 @@ impl Default for CustodyConfig {
             allowed_redirect_origins: Vec::new(),
             refresh_tolerance_ms: 10_000,
             login_timeout_ms: 600_000,
+            login_cookie_name: "tabhub_login".into(),
+            login_cookie_key: String::new(),
+            logins_per_second_per_address: 2.0,
+            logins_burst: 10.0,
             default_refresh_lifetime_ms: 1_800_000,
             introspection: false,
             introspection_cache_ms: 5_000,
@@ -61,7 +79,37 @@ impl Default for CustodyConfig {
     }
 }
 
+/// The length of `custody.login_cookie_key`, decoded: an AES-256 key.
+pub const LOGIN_COOKIE_KEY_BYTES: usize = 32;
+
 impl CustodyConfig {
+    /// `login_cookie_key` decoded (standard or URL-safe base64, padded or not); `None` when empty (a random key
+    /// per process). The error never shows the key.
+    pub fn login_cookie_key_bytes(
+        &self,
+    ) -> Result<Option<[u8; LOGIN_COOKIE_KEY_BYTES]>, ConfigError> {
+        use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
+        use base64::Engine;
+        let k = self.login_cookie_key.trim().trim_end_matches('=');
+        if k.is_empty() {
+            return Ok(None);
+        }
+        let bytes = STANDARD_NO_PAD
+            .decode(k)
+            .or_else(|_| URL_SAFE_NO_PAD.decode(k))
+            .map_err(|_| key_error("custody.login_cookie_key", "not base64"))?;
+        <[u8; LOGIN_COOKIE_KEY_BYTES]>::try_from(bytes.as_slice())
+            .map(Some)
+            .map_err(|_| {
+                key_error(
+                    "custody.login_cookie_key",
+                    format!(
+                        "must be {LOGIN_COOKIE_KEY_BYTES} bytes, base64 (e.g. `openssl rand -base64 32`)"
+                    ),
+                )
+            })
+    }
+
     /// Checked only when enabled. Custody's access tokens are verified like any other, hence `auth`.
     pub(super) fn validate(&self, auth: &AuthConfig) -> Result<(), ConfigError> {
         if !self.enabled {
@@ -91,6 +139,38 @@ impl CustodyConfig {
                 .all(|ch| ch.is_ascii_alphanumeric() || "_-".contains(ch))
         {
             return Err(key_error("custody.cookie_name", "must be [A-Za-z0-9_-]+"));
+        }
+        if self.login_cookie_name.is_empty()
+            || !self
+                .login_cookie_name
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || "_-".contains(ch))
+        {
+            return Err(key_error(
+                "custody.login_cookie_name",
+                "must be [A-Za-z0-9_-]+",
+            ));
+        }
+        if self.login_cookie_name == self.cookie_name {
+            return Err(key_error(
+                "custody.login_cookie_name",
+                "must differ from custody.cookie_name",
+            ));
+        }
+        self.login_cookie_key_bytes()?;
+        for (key, v) in [
+            (
+                "custody.logins_per_second_per_address",
+                self.logins_per_second_per_address,
+            ),
+            ("custody.logins_burst", self.logins_burst),
+        ] {
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(key_error(key, "must be a positive number"));
+            }
+        }
+        if self.login_timeout_ms == 0 {
+            return Err(key_error("custody.login_timeout_ms", "must be above 0"));
         }
         Ok(())
     }

@@ -3,17 +3,20 @@
 //! browser only an `HttpOnly` cookie. Sessions' loops and streams use the stored access token, refreshed before it
 //! expires ([`Custody::refresh`]); back-channel logout drops logins whose Keycloak session ended.
 //!
-//! What custody keeps per browser is a *login*: begun at `/auth/login` (pending until `/auth/callback`), then one
+//! What custody keeps per browser is a *login*: begun at `/auth/login`, pending until `/auth/callback` (in a sealed
+//! browser cookie, [`pending`]: nothing server-side, so an unauthenticated flood costs no memory), then one
 //! [`StoredLogin`] under one login id (the cookie's value) until logout or the refresh token's expiry. It is not called a session because "session" already
 //! means the per-user session (`crate::session`, all tabs of one user), Keycloak's session (`sid`, see
 //! [`StoredLogin::kc_sid`]) and Renku's notebook sessions. Configuration keys and the cookie keep their names
 //! (`custody.cookie_name`, default `tabhub_session`): operators' files and browsers' cookies must keep working.
 //!
 //! - [`store`]: where token sets live ([`TokenStore`], in memory for now);
+//! - [`pending`]: the pending login sealed in the browser (state, nonce, PKCE verifier, redirect);
 //! - [`routes`]: `/auth/login`, `/auth/callback`, `/auth/me`, `/auth/logout`, `/auth/backchannel-logout`.
 //!
 //! Nothing here logs a token, a code or a login id.
 
+pub mod pending;
 pub mod store;
 
 use std::sync::Arc;
@@ -35,6 +38,7 @@ use crate::auth::{AuthError, Realm, Verified};
 use crate::clock::now_unix;
 use crate::config::{Config, CustodyConfig};
 use crate::metrics::Metrics;
+use pending::{PendingLogin, Sealer, MAX_REDIRECT_BYTES};
 pub use store::{MemoryStore, StoredLogin, TokenStore};
 
 type OidcClient = CoreClient<
@@ -53,7 +57,11 @@ pub enum CustodyError {
     NotReady,
     #[error("redirect target not allowed: use a relative path or an allowed origin")]
     BadRedirect,
-    #[error("unknown or expired login state; start the login again")]
+    #[error("the redirect is too long (at most {MAX_REDIRECT_BYTES} bytes)")]
+    RedirectTooLong,
+    #[error("no login in progress in this browser (missing, invalid or expired login cookie); start the login again")]
+    NoPendingLogin,
+    #[error("this login was not started in this browser; start the login again")]
     UnknownState,
     #[error("login failed: {0}")]
     LoginFailed(String),
@@ -67,14 +75,6 @@ pub enum CustodyError {
     BadLogoutToken(&'static str),
 }
 
-/// A login between `/auth/login` and `/auth/callback`.
-#[derive(Clone)]
-struct Pending {
-    verifier: String,
-    nonce: String,
-    redirect: String,
-}
-
 /// The token-custody service.
 pub struct Custody {
     config: CustodyConfig,
@@ -82,7 +82,10 @@ pub struct Custody {
     realm: Arc<Realm>,
     http: reqwest::Client,
     store: Arc<dyn TokenStore>,
-    pending: moka::future::Cache<String, Pending>,
+    /// Seals pending logins into the login cookie (`custody.login_cookie_key`). `None` when the configured key is
+    /// unusable (a configuration that skipped validation): logins are then refused, never sealed with a key the
+    /// operator did not choose.
+    sealer: Option<Sealer>,
     /// Refreshes in flight or just done, keyed by the refresh token they used: concurrent refreshes of one
     /// login share one request, and a late caller holding the rotated-out token gets the new set.
     refreshes: moka::future::Cache<Arc<str>, StoredLogin>,
@@ -131,10 +134,16 @@ impl Custody {
                 .redirect(reqwest::redirect::Policy::none())
                 .build()?,
             store: Arc::new(MemoryStore::new(1_000_000)),
-            pending: moka::future::Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(Duration::from_millis(c.login_timeout_ms))
-                .build(),
+            sealer: {
+                let sealer = c
+                    .login_cookie_key_bytes()
+                    .ok()
+                    .and_then(|key| Sealer::new(key).ok());
+                if sealer.is_none() {
+                    tracing::error!("custody.login_cookie_key is unusable: logins are refused");
+                }
+                sealer
+            },
             refreshes: moka::future::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(60))
@@ -184,6 +193,9 @@ impl Custody {
         let Some(t) = target.filter(|t| !t.is_empty()) else {
             return Ok("/".into());
         };
+        if t.len() > MAX_REDIRECT_BYTES {
+            return Err(CustodyError::RedirectTooLong);
+        }
         let relative = t.starts_with('/')
             && !t.starts_with("//")
             && !t.contains('\\')
@@ -196,15 +208,25 @@ impl Custody {
             .allowed_origins
             .contains(&url.origin().ascii_serialization())
         {
-            Ok(url.to_string())
+            // Normalization may lengthen it (percent-encoding).
+            let url = url.to_string();
+            if url.len() > MAX_REDIRECT_BYTES {
+                return Err(CustodyError::RedirectTooLong);
+            }
+            Ok(url)
         } else {
             Err(CustodyError::BadRedirect)
         }
     }
 
-    /// Starts a login: the URL of the realm's authorization endpoint to send the browser to.
-    pub async fn login_url(&self, redirect: Option<&str>) -> Result<String, CustodyError> {
+    /// Starts a login: the URL of the realm's authorization endpoint to send the browser to, and the value of the
+    /// login cookie (`custody.login_cookie_name`) to set with it. Nothing is kept server-side.
+    pub async fn login_url(
+        &self,
+        redirect: Option<&str>,
+    ) -> Result<(String, String), CustodyError> {
         let redirect = self.check_redirect(redirect)?;
+        let sealer = self.sealer.as_ref().ok_or(CustodyError::NotReady)?;
         let client = self.client()?;
         let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
         let mut req = client.authorize_url(
@@ -216,36 +238,44 @@ impl Custody {
             req = req.add_scope(Scope::new(s.clone()));
         }
         let (url, state, nonce) = req.set_pkce_challenge(challenge).url();
-        self.pending
-            .insert(
-                state.secret().clone(),
-                Pending {
-                    verifier: verifier.secret().clone(),
-                    nonce: nonce.secret().clone(),
-                    redirect,
-                },
-            )
-            .await;
-        Ok(url.to_string())
+        let cookie = sealer
+            .seal(&PendingLogin {
+                state: state.secret().clone(),
+                nonce: nonce.secret().clone(),
+                verifier: verifier.secret().clone(),
+                redirect,
+                issued_at_ms: pending::now_ms(),
+            })
+            .map_err(|_| CustodyError::LoginFailed("cannot seal the login cookie".into()))?;
+        Ok((url.to_string(), cookie))
     }
 
-    /// Finishes a login: exchanges the code, verifies the ID token, stores the token set. Returns the new login
-    /// id, the stored login and where to send the browser.
+    /// Finishes a login: opens the browser's login cookie (`cookie`, its value if any), checks that the callback's
+    /// `state` is the one sealed in it (so the login was started by this very browser: login CSRF), exchanges the
+    /// code, verifies the ID token, stores the token set. Returns the new login id, the stored login and where to
+    /// send the browser.
     pub async fn callback(
         &self,
         code: &str,
         state: &str,
+        cookie: Option<&str>,
     ) -> Result<(String, StoredLogin, String), CustodyError> {
-        let pending = self
-            .pending
-            .remove(state)
-            .await
-            .ok_or(CustodyError::UnknownState)?;
+        let sealer = self.sealer.as_ref().ok_or(CustodyError::NotReady)?;
+        let started = cookie
+            .and_then(|c| {
+                sealer
+                    .open(c, pending::now_ms(), self.config.login_timeout_ms)
+                    .ok()
+            })
+            .ok_or(CustodyError::NoPendingLogin)?;
+        if !pending::constant_time_eq(started.state.as_bytes(), state.as_bytes()) {
+            return Err(CustodyError::UnknownState);
+        }
         let client = self.client()?;
         let resp = client
             .exchange_code(AuthorizationCode::new(code.to_owned()))
             .map_err(|e| CustodyError::LoginFailed(e.to_string()))?
-            .set_pkce_verifier(PkceCodeVerifier::new(pending.verifier))
+            .set_pkce_verifier(PkceCodeVerifier::new(started.verifier))
             .request_async(&self.http)
             .await
             .map_err(|e| match e {
@@ -259,7 +289,7 @@ impl Custody {
             .id_token()
             .ok_or_else(|| CustodyError::LoginFailed("no ID token in the answer".into()))?;
         let claims = id_token
-            .claims(&client.id_token_verifier(), &Nonce::new(pending.nonce))
+            .claims(&client.id_token_verifier(), &Nonce::new(started.nonce))
             .map_err(|e| CustodyError::LoginFailed(format!("ID token: {e}")))?;
         let sub = claims.subject().as_str().to_owned();
         let stored = self
@@ -278,7 +308,7 @@ impl Custody {
         let login_id = new_login_id();
         self.store.put(&login_id, stored.clone()).await;
         tracing::info!(user = %stored.user.id, "logged in");
-        Ok((login_id, stored, pending.redirect))
+        Ok((login_id, stored, started.redirect))
     }
 
     /// Builds a stored login from a token answer; the access token is verified like any other.

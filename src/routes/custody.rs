@@ -1,9 +1,14 @@
 //! The login routes. Every failure is a JSON error (or, for the browser-facing login and callback, a short page),
 //! never a panic, never a token.
+//!
+//! `/auth/login` and `/auth/callback` are open to anyone: each is rate-limited per client address (429), and
+//! neither keeps anything server-side before a login succeeds (the pending login travels in a sealed cookie,
+//! `crate::custody::pending`).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -15,21 +20,37 @@ use crate::app::App;
 use crate::auth::credential;
 use crate::close_codes;
 use crate::custody::{Custody, CustodyError};
+use crate::rate::PerAddress;
 use crate::responses::json_error;
+
+/// Per-address token buckets of the two unauthenticated login routes (`custody.logins_per_second_per_address`,
+/// `custody.logins_burst`), one each: a browser's login takes one token of each.
+struct LoginLimits {
+    login: PerAddress,
+    callback: PerAddress,
+}
 
 /// `/auth/*` routes, for the server to mount only when custody is enabled (without it these paths are the
 /// framework's 404, like any unknown path). Each handler is handed the enabled [`Custody`] itself instead of
 /// checking `App::custody` at every request.
 pub fn router(custody: Arc<Custody>) -> Router<Arc<App>> {
     let c = custody;
+    let limits = {
+        let cfg = c.config();
+        let bucket = || PerAddress::new(cfg.logins_per_second_per_address, cfg.logins_burst);
+        Arc::new(LoginLimits {
+            login: bucket(),
+            callback: bucket(),
+        })
+    };
     Router::new()
         .route("/auth/login", {
-            let c = c.clone();
-            get(move |q| login(c, q))
+            let (c, limits) = (c.clone(), limits.clone());
+            get(move |app, peer, headers, q| login(c, limits, app, peer, headers, q))
         })
         .route("/auth/callback", {
             let c = c.clone();
-            get(move |q| callback(c, q))
+            get(move |app, peer, headers, q| callback(c, limits, app, peer, headers, q))
         })
         .route("/auth/me", {
             let c = c.clone();
@@ -72,6 +93,44 @@ fn redirect(to: &str) -> Response {
     r
 }
 
+/// 429 when `addr` has used up its bucket.
+fn limited(
+    app: &App,
+    bucket: &PerAddress,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+) -> Option<Response> {
+    let addr = crate::handshake::client_address(app, peer, headers);
+    if bucket.take(addr) {
+        return None;
+    }
+    let mut r = json_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too many login attempts from this address; retry later",
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    Some(r)
+}
+
+/// The pending login cookie (`custody.login_cookie_name`), set or cleared. Its `Path` is the callback's (the path
+/// of `custody.redirect_uri`): the browser sends it there and nowhere else. `SameSite=Lax` still sends it on the
+/// top-level redirect back from the identity provider.
+fn login_cookie(c: &Custody, value: &str, max_age_secs: u64) -> HeaderValue {
+    let cfg = c.config();
+    let secure = if cfg.cookie_secure { "; Secure" } else { "" };
+    let path = url::Url::parse(&cfg.redirect_uri)
+        .ok()
+        .map(|u| u.path().to_owned())
+        .filter(|p| p.starts_with('/') && !p.contains(';'))
+        .unwrap_or_else(|| "/".into());
+    HeaderValue::from_str(&format!(
+        "{}={value}; Path={path}; Max-Age={max_age_secs}; HttpOnly; SameSite=Lax{secure}",
+        cfg.login_cookie_name
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
 /// The login cookie (named by `custody.cookie_name`), set or cleared.
 fn cookie(c: &Custody, value: &str, max_age_secs: u64) -> HeaderValue {
     let cfg = c.config();
@@ -88,13 +147,31 @@ struct LoginQuery {
     redirect: Option<String>,
 }
 
-async fn login(c: Arc<Custody>, Query(q): Query<LoginQuery>) -> Response {
+async fn login(
+    c: Arc<Custody>,
+    limits: Arc<LoginLimits>,
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    q: Result<Query<LoginQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    if let Some(r) = limited(&app, &limits.login, peer, &headers) {
+        return r;
+    }
+    let Ok(Query(q)) = q else {
+        return json_error(StatusCode::BAD_REQUEST, "malformed query string");
+    };
     match c.login_url(q.redirect.as_deref()).await {
-        Ok(url) => redirect(&url),
-        Err(CustodyError::BadRedirect) => json_error(
-            StatusCode::BAD_REQUEST,
-            &CustodyError::BadRedirect.to_string(),
-        ),
+        Ok((url, sealed)) => {
+            let max_age = c.config().login_timeout_ms.div_ceil(1000);
+            let mut r = redirect(&url);
+            r.headers_mut()
+                .insert(header::SET_COOKIE, login_cookie(&c, &sealed, max_age));
+            r
+        }
+        Err(e @ (CustodyError::BadRedirect | CustodyError::RedirectTooLong)) => {
+            json_error(StatusCode::BAD_REQUEST, &e.to_string())
+        }
         Err(e) => page(
             StatusCode::SERVICE_UNAVAILABLE,
             "Login unavailable",
@@ -111,7 +188,24 @@ struct CallbackQuery {
     error_description: Option<String>,
 }
 
-async fn callback(c: Arc<Custody>, Query(q): Query<CallbackQuery>) -> Response {
+async fn callback(
+    c: Arc<Custody>,
+    limits: Arc<LoginLimits>,
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    q: Result<Query<CallbackQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    if let Some(r) = limited(&app, &limits.callback, peer, &headers) {
+        return r;
+    }
+    let Ok(Query(q)) = q else {
+        return page(
+            StatusCode::BAD_REQUEST,
+            "Login failed",
+            "malformed callback query",
+        );
+    };
     if let Some(e) = q.error {
         let why = q.error_description.unwrap_or(e);
         return page(StatusCode::BAD_REQUEST, "Login refused", &why);
@@ -123,7 +217,8 @@ async fn callback(c: Arc<Custody>, Query(q): Query<CallbackQuery>) -> Response {
             "the callback needs code and state",
         );
     };
-    match c.callback(&code, &state).await {
+    let sealed = credential::cookie(&headers, &c.config().login_cookie_name);
+    let mut r = match c.callback(&code, &state, sealed.as_deref()).await {
         Ok((login_id, stored, to)) => {
             let max_age = stored
                 .refresh_expires
@@ -134,11 +229,22 @@ async fn callback(c: Arc<Custody>, Query(q): Query<CallbackQuery>) -> Response {
                 .insert(header::SET_COOKIE, cookie(&c, &login_id, max_age));
             r
         }
+        // Not this browser's login (login CSRF, or an older login of this browser): its own pending login, if
+        // any, stays usable.
         Err(e @ CustodyError::UnknownState) => {
+            return page(StatusCode::BAD_REQUEST, "Login refused", &e.to_string())
+        }
+        Err(e @ CustodyError::NoPendingLogin) => {
             page(StatusCode::BAD_REQUEST, "Login expired", &e.to_string())
         }
         Err(e) => page(StatusCode::BAD_GATEWAY, "Login failed", &e.to_string()),
+    };
+    // The pending login is used up (or unusable): clear it, if the browser sent one.
+    if sealed.is_some() {
+        r.headers_mut()
+            .append(header::SET_COOKIE, login_cookie(&c, "", 0));
     }
+    r
 }
 
 /// The login id the request's cookie carries.

@@ -2,6 +2,7 @@
 //! 127.0.0.1 with real sockets. Every wait is bounded.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod client;
 pub mod gateway;
 pub mod keycloak;
