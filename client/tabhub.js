@@ -574,7 +574,7 @@ export class TabHubClient {
       ws =
         this.mode === "token"
           ? new this.WebSocket(this.url, ["tabhub", "tabhub.bearer." + credential])
-          : new this.WebSocket(this.url);
+          : new this.WebSocket(this.url, ["tabhub"]);
     } catch (e) {
       this._afterClose(1006, String(e && e.message ? e.message : e));
       return;

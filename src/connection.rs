@@ -18,6 +18,7 @@ use crate::app::{App, TabSlot};
 use crate::auth::{AuthError, Verified};
 use crate::close_codes;
 use crate::context::TabContext;
+use crate::profile::Profile;
 use crate::protocol;
 use crate::rate::Bucket;
 use crate::session::{AttachError, Session};
@@ -29,6 +30,7 @@ pub async fn run<S>(
     ws: WebSocketStream<S>,
     auth: Result<Verified, AuthError>,
     peer: SocketAddr,
+    profile: Profile,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -42,6 +44,7 @@ pub async fn run<S>(
     let (tab, outbox) = Tab::new(
         app.next_tab_id(),
         auth.as_ref().ok().and_then(|v| v.login.clone()),
+        profile,
         w.outbound_queue_messages,
         w.outbound_queue_bytes,
         app.metrics.clone(),

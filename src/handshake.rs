@@ -22,6 +22,7 @@ use crate::app::App;
 use crate::auth::credential::{self, Source};
 use crate::auth::{AuthError, Verified};
 use crate::custody::CustodyError;
+use crate::profile::Profile;
 use crate::responses::json_error;
 
 fn header_has(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
@@ -163,6 +164,14 @@ pub async fn upgrade(
 
     let offers_subprotocol =
         credential::subprotocols(req.headers()).any(|p| p == credential::SUBPROTOCOL);
+    // A tab that offers no subprotocol is Renku's own client (see `crate::profile`).
+    let profile = if offers_subprotocol {
+        Profile::Tabhub
+    } else {
+        Profile::Renku {
+            older: app.config.websocket.renku_older_client,
+        }
+    };
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return json_error(StatusCode::BAD_REQUEST, "connection cannot be upgraded");
     };
@@ -183,7 +192,7 @@ pub async fn upgrade(
                     Some(ws_config),
                 )
                 .await;
-                crate::connection::run(app, ws, auth, peer).await;
+                crate::connection::run(app, ws, auth, peer, profile).await;
             }
             Err(e) => tracing::debug!(error = %e, "upgrade failed"),
         }

@@ -36,6 +36,7 @@ pub mod demo;
 pub(crate) mod handshake;
 pub(crate) mod hub;
 pub(crate) mod metrics;
+pub(crate) mod profile;
 pub(crate) mod protocol;
 pub(crate) mod publish;
 pub(crate) mod rate;

@@ -197,6 +197,11 @@ async fn connect(url: String, token: Option<String>, user: String) -> Result<(),
             .parse()
             .map_err(|_| "token is not a valid header value".to_string())?,
     );
+    // The tabhub profile: the whole protocol.
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        axum::http::HeaderValue::from_static("tabhub"),
+    );
     let (ws, _) = tokio_tungstenite::connect_async(req)
         .await
         .map_err(|e| format!("connect: {e}"))?;

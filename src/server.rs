@@ -168,9 +168,11 @@ pub async fn start(
     // Token custody's `/auth/*` routes exist only when it is enabled.
     let custody_routes = app.custody.clone().map(crate::routes::custody::router);
     let mut main = Router::new()
-        .route("/ws", get(crate::handshake::upgrade))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz));
+    for path in &app.config.websocket.paths {
+        main = main.route(path, get(crate::handshake::upgrade));
+    }
     if metrics_listener.is_none() {
         main = main.route("/metrics", metrics_route);
     }
@@ -624,12 +626,12 @@ fn cheap_and_important(req: &Request<Incoming>) -> bool {
     }
     match req.uri().path() {
         "/healthz" | "/readyz" => true,
-        "/ws" => req
+        // On any path: the router answers the paths that are not websocket paths.
+        _ => req
             .headers()
             .get(header::UPGRADE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.eq_ignore_ascii_case("websocket")),
-        _ => false,
     }
 }
 

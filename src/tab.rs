@@ -17,6 +17,7 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use crate::close_codes::{self, CloseCode};
 use crate::metrics::Metrics;
+use crate::profile::{Ending, Profile};
 
 /// The sending side of a tab, shared by the session and the tab's own tasks.
 pub struct Tab {
@@ -24,6 +25,8 @@ pub struct Tab {
     /// The token-custody login the tab authenticated with, if any: logout and refresh failures close the tabs of
     /// that login only. Never logged.
     pub login: Option<Arc<str>>,
+    /// What the tab may receive: every frame queued to it passes its profile first.
+    pub profile: Profile,
     queue: mpsc::Sender<Utf8Bytes>,
     queued_bytes: AtomicUsize,
     max_bytes: usize,
@@ -59,6 +62,7 @@ impl Tab {
     pub fn new(
         id: u64,
         login: Option<Arc<str>>,
+        profile: Profile,
         max_messages: usize,
         max_bytes: usize,
         metrics: Arc<Metrics>,
@@ -67,6 +71,7 @@ impl Tab {
         let tab = Arc::new(Tab {
             id,
             login,
+            profile,
             queue: tx,
             queued_bytes: AtomicUsize::new(0),
             max_bytes,
@@ -81,11 +86,19 @@ impl Tab {
         (tab, Outbox { queue: rx, metrics })
     }
 
-    /// Queues a message. Returns false (and closes the tab as a slow consumer) when the queue is full.
+    /// Queues a message. Returns false (and closes the tab as a slow consumer) when the queue is full. A frame
+    /// the tab's profile does not admit is left out (true: nothing went wrong).
     pub fn send(&self, msg: Utf8Bytes) -> bool {
         if self.is_closed() {
             return false;
         }
+        let msg = match self.profile {
+            Profile::Tabhub => msg,
+            renku => match renku.admit(&msg) {
+                Some(m) => m,
+                None => return true,
+            },
+        };
         let len = msg.len();
         let total = self.queued_bytes.fetch_add(len, Ordering::AcqRel) + len;
         if total > self.max_bytes || self.queue.try_send(msg).is_err() {
@@ -226,11 +239,17 @@ where
                 let _ = write_batch(&tab, &mut outbox, &mut sink, msg, wt).await;
             }
         }
-        let frame = CloseFrame {
-            code: WsCloseCode::from(code.code),
-            reason: reason.into(),
-        };
-        let _ = tokio::time::timeout(wt, sink.send(Message::Close(Some(frame)))).await;
+        match tab.profile.ending(code) {
+            Ending::Frame(code) => {
+                let frame = CloseFrame {
+                    code: WsCloseCode::from(code.code),
+                    reason: reason.into(),
+                };
+                let _ = tokio::time::timeout(wt, sink.send(Message::Close(Some(frame)))).await;
+            }
+            // No close frame: the connection drops when the tab's task ends, and the peer sees 1006.
+            Ending::Drop => return,
+        }
     }
     let _ = tokio::time::timeout(wt, sink.close()).await;
 }

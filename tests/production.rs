@@ -111,6 +111,8 @@ async fn stalled_client(
     let mut req = url.into_client_request().unwrap();
     req.headers_mut()
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req.headers_mut()
+        .insert("sec-websocket-protocol", "tabhub".parse().unwrap());
     tokio_tungstenite::client_async(req, stream)
         .await
         .unwrap()

@@ -463,6 +463,11 @@ async fn open(sh: &Shared, user: usize, slot: usize) -> Result<(Ws, Instant), St
         .into_client_request()
         .map_err(|e| format!("request: {e}"))?;
     let token = sh.tokens.get(&user).ok_or("no token")?;
+    // The tabhub profile (the whole protocol): events, published messages and every close code.
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        tokio_tungstenite::tungstenite::http::HeaderValue::from_static("tabhub"),
+    );
     req.headers_mut().insert(
         "authorization",
         format!("Bearer {token}")

@@ -306,7 +306,8 @@ test("cookie mode: no subprotocol; after 4000 the session is re-checked at /auth
   });
   c.start();
   await tick();
-  assert.equal(sock().protocols, undefined);
+  // Cookie mode offers the tabhub subprotocol alone: the whole protocol, no token in the URL or protocols.
+  assert.deepEqual(sock().protocols, ["tabhub"]);
   assert.equal(asked.length, 0, "no check before the first connection");
   sock().serverClose(4000);
   await tick(5);

@@ -7,6 +7,12 @@ use super::error::{key_error, ConfigError};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebSocketConfig {
+    /// Paths the websocket is served on. Renku's client connects to `/ui-server/ws` (its UI server's path behind
+    /// renku-gateway); add it to serve that client unchanged.
+    pub paths: Vec<String>,
+    /// Admit, for tabs of Renku's client (no subprotocol), the types of its older version too (`activation`,
+    /// `sessionStatus`, `test`), which tracked knowledge-graph activation.
+    pub renku_older_client: bool,
     /// Largest message a tab may send; a larger frame closes the tab with 1009.
     pub max_message_bytes: usize,
     /// Read buffer per tab (tungstenite's default, 128 KiB, would dominate memory).
@@ -25,6 +31,8 @@ pub struct WebSocketConfig {
 impl Default for WebSocketConfig {
     fn default() -> Self {
         WebSocketConfig {
+            paths: vec!["/ws".into()],
+            renku_older_client: false,
             max_message_bytes: 64 * 1024,
             read_buffer_bytes: 4 * 1024,
             outbound_queue_messages: 512,
@@ -38,6 +46,21 @@ impl Default for WebSocketConfig {
 
 impl WebSocketConfig {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.paths.is_empty() {
+            return Err(key_error("websocket.paths", "at least one path"));
+        }
+        for (i, p) in self.paths.iter().enumerate() {
+            let reserved = ["/healthz", "/readyz", "/metrics", "/api/publish"]
+                .contains(&p.as_str())
+                || p.starts_with("/auth/")
+                || p.starts_with("/client/");
+            if !p.starts_with('/') || p.contains(['?', '#', '*', '{', '}', ':']) || reserved {
+                return Err(key_error(
+                    &format!("websocket.paths[{i}]"),
+                    "must be a plain path such as /ws, not one of the server's other routes",
+                ));
+            }
+        }
         for (key, v) in [
             ("websocket.max_message_bytes", self.max_message_bytes),
             ("websocket.read_buffer_bytes", self.read_buffer_bytes),

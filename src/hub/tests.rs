@@ -45,7 +45,14 @@ struct FakeTab {
 
 impl FakeTab {
     fn new(s: &Services, id: u64) -> FakeTab {
-        let (tab, outbox) = Tab::new(id, None, 256, 1 << 20, s.metrics.clone());
+        let (tab, outbox) = Tab::new(
+            id,
+            None,
+            crate::profile::Profile::Tabhub,
+            256,
+            1 << 20,
+            s.metrics.clone(),
+        );
         FakeTab { tab, outbox }
     }
 

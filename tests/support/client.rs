@@ -46,6 +46,8 @@ impl Client {
     ) -> Result<Client, WsError> {
         let mut req = url.into_client_request().unwrap();
         let h = req.headers_mut();
+        // The tabhub profile: the whole protocol (a tab offering no subprotocol is Renku's client).
+        h.insert("sec-websocket-protocol", "tabhub".parse().unwrap());
         match cred {
             Cred::None => {}
             Cred::Header(t) => {
@@ -179,8 +181,12 @@ impl Client {
     /// Connects with a prepared request (any URL and headers: credentials, cookies, tags), without reading
     /// anything.
     pub async fn connect_request(
-        req: tokio_tungstenite::tungstenite::handshake::client::Request,
+        mut req: tokio_tungstenite::tungstenite::handshake::client::Request,
     ) -> Result<Client, WsError> {
+        if !req.headers().contains_key("sec-websocket-protocol") {
+            req.headers_mut()
+                .insert("sec-websocket-protocol", "tabhub".parse().unwrap());
+        }
         let (ws, resp) = tokio_tungstenite::connect_async(req).await?;
         Ok(Client {
             ws,
