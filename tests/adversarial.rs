@@ -9,3 +9,5 @@ mod support;
 
 #[path = "adversarial/commands.rs"]
 mod commands;
+#[path = "adversarial/tokens.rs"]
+mod tokens;
