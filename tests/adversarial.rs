@@ -9,5 +9,7 @@ mod support;
 
 #[path = "adversarial/commands.rs"]
 mod commands;
+#[path = "adversarial/logs.rs"]
+mod logs;
 #[path = "adversarial/tokens.rs"]
 mod tokens;
