@@ -7,6 +7,8 @@
 
 mod support;
 
+#[path = "adversarial/backends.rs"]
+mod backends;
 #[path = "adversarial/commands.rs"]
 mod commands;
 #[path = "adversarial/logs.rs"]
