@@ -95,15 +95,47 @@ fn main() -> ExitCode {
     }
 }
 
+/// Libraries whose debug or trace output carries what crosses the wire: tungstenite logs every websocket frame and
+/// message it reads or writes (an `authenticate` command carries a token) and a client handshake's request (its
+/// `Authorization` header); the HTTP, TLS, SSE and Redis clients log connections, URLs and payloads. A target
+/// matches every target it prefixes (`hyper` covers `hyper_util`, `reqwest` covers `reqwest_eventsource`).
+const WIRE_TARGETS: &[&str] = &[
+    "tungstenite",
+    "tokio_tungstenite",
+    "hyper",
+    "h2",
+    "reqwest",
+    "eventsource_stream",
+    "rustls",
+    "tokio_rustls",
+    "redis",
+];
+
+/// Logging as `log.level` and `log.format` say, except that [`WIRE_TARGETS`] never go below `info`: a token must
+/// never reach the logs, even at `trace`. The cap is a second filter on the output layer rather than directives
+/// added to the `EnvFilter`, so that no directive of `log.level` (`tungstenite::protocol=trace`, more specific than
+/// any cap there) can lift it.
 fn init_logging(config: &Config) {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if config.log.format == tabhub::config::LogFormat::Json {
-        builder.json().init();
+    let cap = Targets::new()
+        .with_default(LevelFilter::TRACE)
+        .with_targets(WIRE_TARGETS.iter().map(|t| (*t, LevelFilter::INFO)));
+    let output = tracing_subscriber::fmt::layer();
+    let output = if config.log.format == tabhub::config::LogFormat::Json {
+        output.json().boxed()
     } else {
-        builder.init();
-    }
+        output.boxed()
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(output.with_filter(cap))
+        .init();
 }
 
 async fn serve(config: Config, extra: axum::Router) -> Result<(), String> {

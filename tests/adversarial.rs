@@ -17,5 +17,13 @@ mod publish;
 #[path = "adversarial/slowloris.rs"]
 mod slowloris;
 
+#[path = "adversarial/backends.rs"]
+mod backends;
+#[path = "adversarial/commands.rs"]
+mod commands;
 #[path = "adversarial/login.rs"]
 mod login;
+#[path = "adversarial/logs.rs"]
+mod logs;
+#[path = "adversarial/tokens.rs"]
+mod tokens;

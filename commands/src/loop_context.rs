@@ -51,6 +51,9 @@ pub enum BackendError {
     Unauthorized,
     /// The session has no valid token (expired and not renewed); no request was sent.
     NoToken,
+    /// The path could leave the backend's base path (a `.` or `..` segment, percent-encoded or not): no request
+    /// was sent. The path is not repeated: it may come from peer input.
+    InvalidPath,
 }
 
 impl std::fmt::Display for BackendError {
@@ -64,6 +67,9 @@ impl std::fmt::Display for BackendError {
             BackendError::Network(m) => write!(f, "backend unreachable: {m}"),
             BackendError::Unauthorized => f.write_str("backend refused the user's token (401)"),
             BackendError::NoToken => f.write_str("no valid token for the user"),
+            BackendError::InvalidPath => {
+                f.write_str("backend path refused: it could leave the backend's base path")
+            }
         }
     }
 }
@@ -77,7 +83,8 @@ pub trait LoopContext: Send + Sync {
     /// Typed state kept by the user's session while it lives (shared by all tabs and by loop functions).
     fn session_data(&self) -> &SessionData;
     /// `GET {backends[backend]}{path}` as the user (`Authorization: Bearer` with the session's newest token), with
-    /// the configured timeout and per-backend backoff.
+    /// the configured timeout and backoff (per user and path, and per backend during an outage). A path with a `.`
+    /// or `..` segment (percent-encoded or not) is refused: [`BackendError::InvalidPath`].
     fn backend_get<'a>(
         &'a self,
         backend: &'a str,

@@ -1,6 +1,11 @@
 //! Access-token verification: signature with the realm's keys, `iss` exactly, `exp`/`nbf` with a small leeway,
 //! `typ` = `Bearer`, and `azp` or `aud` among the accepted clients.
 //!
+//! Two claim checks are tabhub's own, on top of jsonwebtoken's: `iss` must be one JSON string equal to
+//! `auth.issuer` (jsonwebtoken accepts an array that contains the issuer, even `[evil, issuer]`), and `exp`, when
+//! present, an integer at most [`MAX_EXP_AHEAD_SECS`] ahead (an `exp` of `u64::MAX` once overflowed the cache's
+//! expiry check: accepted once, then "expired"). Time arithmetic on claims saturates.
+//!
 //! Error texts are sent to clients: they say what is wrong, never echo the token.
 
 use std::collections::HashSet;
@@ -9,11 +14,17 @@ use std::sync::Arc;
 use jsonwebtoken::{Algorithm, Validation};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
+use serde_json::Value;
 use tabhub_commands::User;
 
 use super::realm::{Key, KeyKind, Loaded, Realm};
 use super::verified::{AuthError, Verified};
 use crate::config::parse_algorithm;
+
+/// The furthest ahead an `exp` may be: ten years. No identity provider issues tokens for longer (Keycloak's are
+/// minutes to days); a larger value is a forgery or a bug, and the arithmetic on it (expiry checks, timers) must
+/// never see it.
+pub const MAX_EXP_AHEAD_SECS: u64 = 10 * 366 * 24 * 3600;
 
 #[derive(Deserialize)]
 struct Claims {
@@ -82,30 +93,29 @@ impl Realm {
         validation.validate_aud = false;
         validation.aud = None::<HashSet<String>>;
         configure(&mut validation);
-        let data = jsonwebtoken::decode::<T>(token, &key.decoding, &validation).map_err(|e| {
-            use jsonwebtoken::errors::ErrorKind as K;
-            match e.kind() {
-                K::ExpiredSignature => AuthError::Expired,
-                K::InvalidSignature => AuthError::Invalid("bad signature"),
-                K::InvalidIssuer => AuthError::Invalid("wrong issuer"),
-                K::InvalidAudience => AuthError::Invalid("wrong audience"),
-                K::ImmatureSignature => AuthError::Invalid("token not valid yet (nbf)"),
-                K::MissingRequiredClaim(_) => AuthError::Invalid("a required claim is missing"),
-                K::InvalidAlgorithm => AuthError::Invalid("algorithm does not match the key"),
-                _ => AuthError::Invalid("malformed token"),
-            }
-        })?;
-        Ok(data.claims)
+        // Decoded as JSON first, so that the shapes jsonwebtoken tolerates can be refused (see `check_claims`).
+        let data =
+            jsonwebtoken::decode::<Value>(token, &key.decoding, &validation).map_err(|e| {
+                use jsonwebtoken::errors::ErrorKind as K;
+                match e.kind() {
+                    K::ExpiredSignature => AuthError::Expired,
+                    K::InvalidSignature => AuthError::Invalid("bad signature"),
+                    K::InvalidIssuer => AuthError::Invalid("wrong issuer"),
+                    K::InvalidAudience => AuthError::Invalid("wrong audience"),
+                    K::ImmatureSignature => AuthError::Invalid("token not valid yet (nbf)"),
+                    K::MissingRequiredClaim(_) => AuthError::Invalid("a required claim is missing"),
+                    K::InvalidAlgorithm => AuthError::Invalid("algorithm does not match the key"),
+                    _ => AuthError::Invalid("malformed token"),
+                }
+            })?;
+        check_claims(&data.claims, &self.config().issuer, now_secs())?;
+        serde_json::from_value(data.claims).map_err(|_| AuthError::Invalid("malformed token"))
     }
 
     /// Verifies an access token (answers from the cache of verified tokens when it can).
     pub async fn verify(&self, token: &str) -> Result<Verified, AuthError> {
         if let Some(v) = self.verified.get(token) {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs();
-            if now > v.exp + self.config().leeway_secs {
+            if now_secs() > v.exp.saturating_add(self.config().leeway_secs) {
                 self.verified.invalidate(token);
                 return Err(AuthError::Expired);
             }
@@ -156,6 +166,31 @@ impl Realm {
     }
 }
 
+/// Seconds since the Unix epoch.
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+/// tabhub's own claim checks, after jsonwebtoken's: `iss` (when present; jsonwebtoken requires it unless told
+/// otherwise) is one string equal to `issuer`, and `exp` (when present) an integer no further than
+/// [`MAX_EXP_AHEAD_SECS`] from `now`.
+fn check_claims(claims: &Value, issuer: &str, now: u64) -> Result<(), AuthError> {
+    match claims.get("iss") {
+        None => {}
+        Some(Value::String(iss)) if iss == issuer => {}
+        Some(_) => return Err(AuthError::Invalid("wrong issuer (iss must be one string)")),
+    }
+    match claims.get("exp").map(Value::as_u64) {
+        None => {}
+        Some(Some(exp)) if exp <= now.saturating_add(MAX_EXP_AHEAD_SECS) => {}
+        Some(_) => return Err(AuthError::Invalid("exp is not a time within ten years")),
+    }
+    Ok(())
+}
+
 /// The key a token names. Without a `kid`, the realm's only key of the right kind.
 fn find_key<'a>(loaded: &'a Loaded, kid: Option<&str>, alg: Algorithm) -> Option<&'a Key> {
     let fits = |k: &Key| k.kind == kind_of(alg) && k.alg.is_none_or(|a| a == alg);
@@ -174,5 +209,57 @@ fn kind_of(alg: Algorithm) -> KeyKind {
         Algorithm::ES256 | Algorithm::ES384 => KeyKind::Ec,
         Algorithm::EdDSA => KeyKind::Ed,
         _ => KeyKind::Rsa,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const ISS: &str = "https://kc.example/realms/r";
+    const NOW: u64 = 1_800_000_000;
+
+    #[test]
+    fn iss_must_be_the_one_issuer_string() {
+        assert!(check_claims(&json!({ "iss": ISS }), ISS, NOW).is_ok());
+        assert!(
+            check_claims(&json!({}), ISS, NOW).is_ok(),
+            "required or not: jsonwebtoken's call"
+        );
+        for iss in [
+            json!([ISS]),
+            json!(["https://evil.example", ISS]),
+            json!({ "iss": ISS }),
+            json!(null),
+            json!(format!("{ISS}/")),
+            json!("https://evil.example"),
+        ] {
+            assert!(
+                matches!(
+                    check_claims(&json!({ "iss": iss }), ISS, NOW),
+                    Err(AuthError::Invalid(_))
+                ),
+                "{iss}"
+            );
+        }
+    }
+
+    #[test]
+    fn exp_must_be_an_integer_within_ten_years() {
+        let ok = |exp: Value| check_claims(&json!({ "iss": ISS, "exp": exp }), ISS, NOW).is_ok();
+        assert!(ok(json!(NOW + 300)));
+        assert!(ok(json!(NOW - 300)), "expiry is jsonwebtoken's check");
+        assert!(ok(json!(NOW + MAX_EXP_AHEAD_SECS)));
+        assert!(!ok(json!(NOW + MAX_EXP_AHEAD_SECS + 1)));
+        assert!(!ok(json!(u64::MAX)));
+        assert!(!ok(json!(1u64 << 63)));
+        assert!(!ok(json!(1u64 << 53)));
+        assert!(!ok(json!(1e300)));
+        assert!(!ok(json!(NOW as f64 + 0.5)));
+        assert!(!ok(json!(-1)));
+        assert!(!ok(json!("1800000000")));
+        // The bound itself never overflows.
+        assert!(check_claims(&json!({ "exp": u64::MAX }), ISS, u64::MAX).is_ok());
     }
 }

@@ -18,7 +18,8 @@ pub struct AuthConfig {
     pub require_typ_bearer: bool,
     /// Accepted signature algorithms. Only asymmetric ones are possible: `none` and HMAC are always refused.
     pub algorithms: Vec<String>,
-    /// Clock skew tolerated on `exp` and `nbf`, in seconds.
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds; at most an hour (jsonwebtoken subtracts it from the
+    /// current time, and a skew of hours is no skew).
     pub leeway_secs: u64,
     /// Cookie that may hold an access token (empty: no such cookie is read).
     pub token_cookie: String,
@@ -85,6 +86,9 @@ impl AuthConfig {
                 "auth.algorithms",
                 "at least one algorithm is needed",
             ));
+        }
+        if self.leeway_secs > 3_600 {
+            return Err(key_error("auth.leeway_secs", "at most 3600 (one hour)"));
         }
         Ok(())
     }

@@ -12,10 +12,17 @@ use super::session::SessionConfig;
 pub struct BackendConfig {
     /// Timeout of one backend request (loop functions' calls); must be shorter than the short interval.
     pub timeout_ms: u64,
-    /// After a 5xx or a network error a backend is left alone for a backoff that starts here and doubles up to
-    /// the maximum (with jitter); a success resets it.
+    /// After a 502, 503, 504, a timeout or a network error, that user's calls to that path are left alone for a
+    /// backoff that starts here and doubles up to the maximum (with jitter); a success resets it. The same backoff
+    /// applies to the whole backend during an outage (below).
     pub backoff_initial_ms: u64,
     pub backoff_max_ms: u64,
+    /// An outage, when the whole backend backs off for everyone: at least this many distinct users saw their latest
+    /// call fail, and they outnumber those whose latest call succeeded. Not 1 (unless one user is all there is):
+    /// one user's slow or broken resources would then stop every user's calls.
+    pub outage_min_users: u64,
+    /// Only calls within this window count towards an outage.
+    pub outage_window_ms: u64,
     /// Keep-alive connections kept per backend host.
     pub pool_max_idle_per_host: usize,
 }
@@ -26,6 +33,8 @@ impl Default for BackendConfig {
             timeout_ms: 4_000,
             backoff_initial_ms: 1_000,
             backoff_max_ms: 60_000,
+            outage_min_users: 3,
+            outage_window_ms: 30_000,
             pool_max_idle_per_host: 64,
         }
     }
@@ -36,6 +45,18 @@ impl BackendConfig {
     pub(super) fn validate(&self, session: &SessionConfig) -> Result<(), ConfigError> {
         if self.timeout_ms == 0 {
             return Err(key_error("backend.timeout_ms", "must be greater than 0"));
+        }
+        if self.outage_min_users == 0 || self.outage_min_users > 1_000 {
+            return Err(key_error(
+                "backend.outage_min_users",
+                "must be between 1 and 1000",
+            ));
+        }
+        if self.outage_window_ms == 0 {
+            return Err(key_error(
+                "backend.outage_window_ms",
+                "must be greater than 0",
+            ));
         }
         if self.timeout_ms >= session.short_interval_ms {
             return Err(key_error(

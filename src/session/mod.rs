@@ -664,6 +664,9 @@ impl TokenSource for Session {
     fn bearer(&self) -> Option<Arc<str>> {
         self.token.valid().map(|t| t.token)
     }
+    fn caller(&self) -> &str {
+        &self.user.id
+    }
 }
 
 impl StreamSink for Session {

@@ -47,6 +47,9 @@ pub struct TokenSpec {
     /// Seconds from now (negative: already expired).
     pub exp_in: i64,
     pub nbf_in: Option<i64>,
+    /// Claims set last, over the ones above: anything a forger may put in a token (`iss` as an array, an absurd
+    /// `exp`...).
+    pub claims: serde_json::Map<String, Value>,
 }
 
 impl TokenSpec {
@@ -61,7 +64,13 @@ impl TokenSpec {
             typ: "Bearer".into(),
             exp_in: 300,
             nbf_in: None,
+            claims: serde_json::Map::new(),
         }
+    }
+    /// Sets `name` to `value` in the claims, whatever the other fields say.
+    pub fn claim(mut self, name: &str, value: Value) -> Self {
+        self.claims.insert(name.into(), value);
+        self
     }
     pub fn exp_in(mut self, s: i64) -> Self {
         self.exp_in = s;
@@ -202,6 +211,9 @@ impl Keycloak {
         });
         if let Some(n) = spec.nbf_in {
             claims["nbf"] = json!(t + n);
+        }
+        for (name, value) in &spec.claims {
+            claims[name] = value.clone();
         }
         match spec.key.as_str() {
             "none" => {

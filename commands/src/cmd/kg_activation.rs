@@ -2,7 +2,7 @@
 //! user's tabs how far each one got, with Renku's values.
 //!
 //! The command adds the projects (GitLab ids: numbers, or strings such as `42` or `group%2Fname`) to the set the
-//! user's session tracks; a project already tracked is left as it is. It registers the short-loop function
+//! user's session tracks (an id becomes a URL path segment: see [`project_id`] for what is refused); a project already tracked is left as it is. It registers the short-loop function
 //! `kgActivation` once per user; when the function already runs and new projects were added, it runs at once so
 //! the asking tab does not wait for the next tick. Asking again for tracked projects (every reconnecting tab does)
 //! costs the backend nothing. The command itself replies nothing: results go to every tab of the user.
@@ -169,13 +169,18 @@ impl Command for PullKgActivationStatus {
     }
 }
 
-/// A project id from the request: a non-negative integer, or a string safe in a URL path segment.
+/// A project id from the request: a non-negative integer, or a GitLab project path, URL-encoded
+/// (`group%2Fsub%2Fname`), as GitLab's API takes them. The id goes into a URL path, and URL parsers resolve
+/// `%2e%2e` as `..`: the id `%2e%2e` once made tabhub fetch `{gateway}/graph/status`. So the id, percent-decoded
+/// once, must be 1-200 characters of `[A-Za-z0-9_.-/]` (no `%` left: nothing double-encoded), and each of its
+/// `/`-separated parts must have a character other than `.` (so none is empty, `.` or `..`). The id is kept as given (the tabs see their own ids back); the URL
+/// gets it re-encoded by [`segment`].
 fn project_id(v: &Value) -> Result<String, String> {
     let bad = || {
         // At most 64 characters, cut on a character boundary (a byte index could fall inside one).
         let shown: String = v.to_string().chars().take(64).collect();
         format!(
-            "'pullKgActivationStatus': invalid project id {shown}: expected a number or a string of 1-{MAX_ID_LEN} characters of [A-Za-z0-9_.%-]"
+            "'pullKgActivationStatus': invalid project id {shown}: expected a number or a GitLab project path, URL-encoded, of 1-{MAX_ID_LEN} characters of [A-Za-z0-9_.-] and %2F, without . or .. parts"
         )
     };
     let id = match v {
@@ -183,17 +188,50 @@ fn project_id(v: &Value) -> Result<String, String> {
         Value::String(s) => s.clone(),
         _ => return Err(bad()),
     };
-    let safe = !id.is_empty()
+    let raw_ok = !id.is_empty()
         && id.len() <= MAX_ID_LEN
         && id
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_.%-".contains(c))
-        && id.chars().any(|c| c != '.');
-    if safe {
+            .all(|c| c.is_ascii_alphanumeric() || "_.%-".contains(c));
+    let decoded = percent_decode(&id);
+    let decoded_ok = decoded
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "_.-/".contains(c))
+        && decoded
+            .split('/')
+            .all(|part| part.chars().any(|c| c != '.'));
+    if raw_ok && decoded_ok {
         Ok(id)
     } else {
         Err(bad())
     }
+}
+
+/// The id as one URL path segment: decoded, then with `/` encoded (the only character [`project_id`] lets through
+/// that is not safe in a segment), so `group%2fname` and `group%2Fname` both give `group%2Fname`.
+fn segment(id: &str) -> String {
+    percent_decode(id).replace('/', "%2F")
+}
+
+/// One round of percent-decoding; an invalid escape stays as it is, invalid UTF-8 becomes U+FFFD.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |at: usize| bytes.get(at).and_then(|b| (*b as char).to_digit(16));
+        match (bytes[i], hex(i + 1), hex(i + 2)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// What one poll tells about a project.
@@ -236,7 +274,7 @@ async fn poll(s: Arc<Settings>, ctx: Arc<dyn LoopContext>) -> Result<Vec<Notific
     let backend = s.backend.as_str();
     let results: Vec<(String, Outcome)> = stream::iter(due)
         .map(|id| async move {
-            let path = format!("/projects/{id}/graph/status");
+            let path = format!("/projects/{}/graph/status", segment(&id));
             let r = ctx_ref.backend_get(backend, &path).await;
             (id, outcome(r))
         })
@@ -326,11 +364,36 @@ mod tests {
             project_id(&json!("group%2Fname.x")).unwrap(),
             "group%2Fname.x"
         );
+        assert_eq!(
+            project_id(&json!("group%2fsub%2Fname")).unwrap(),
+            "group%2fsub%2Fname"
+        );
+        assert_eq!(segment("group%2fsub%2Fname"), "group%2Fsub%2Fname");
+        assert_eq!(segment("42"), "42");
+        assert_eq!(project_id(&json!("a.b")).unwrap(), "a.b");
         for bad in [
             json!(-1),
             json!(1.5),
             json!(""),
+            json!("."),
             json!(".."),
+            json!("..."),
+            json!("%2e%2e"),
+            json!("%2E%2e"),
+            json!(".%2e"),
+            json!("%2e"),
+            json!("a%2F..%2Fb"),
+            json!("a%2f%2e%2e"),
+            json!("%2e%2e%2Fgraph"),
+            json!("%2F"),
+            json!("a%2F"),
+            json!("%2Fa"),
+            json!("a%2F%2Fb"),
+            json!("%252e%252e"),
+            json!("%25"),
+            json!("a%5Cb"),
+            json!("a%3Fb"),
+            json!("%ff"),
             json!("a/b"),
             json!("a?b"),
             json!(null),
