@@ -9,14 +9,6 @@ mod support;
 
 #[path = "adversarial/authenticate.rs"]
 mod authenticate;
-#[path = "adversarial/commands.rs"]
-mod commands;
-#[path = "adversarial/publish.rs"]
-mod publish;
-
-#[path = "adversarial/slowloris.rs"]
-mod slowloris;
-
 #[path = "adversarial/backends.rs"]
 mod backends;
 #[path = "adversarial/commands.rs"]
@@ -25,5 +17,9 @@ mod commands;
 mod login;
 #[path = "adversarial/logs.rs"]
 mod logs;
+#[path = "adversarial/publish.rs"]
+mod publish;
+#[path = "adversarial/slowloris.rs"]
+mod slowloris;
 #[path = "adversarial/tokens.rs"]
 mod tokens;
