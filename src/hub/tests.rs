@@ -317,8 +317,9 @@ async fn commands_wake_a_loop_at_most_once_per_interval() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(runs.load(Ordering::SeqCst), 2, "one early run, not forty");
-    // After an interval a command may wake it again.
-    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    // After an interval a command may wake it again (half a second past the regular tick at 5 s, so that the two
+    // never coincide).
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
     let before = runs.load(Ordering::SeqCst);
     session.run_loop_now("ticker");
     settle().await;
