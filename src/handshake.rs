@@ -38,6 +38,7 @@ fn header_has(headers: &HeaderMap, name: header::HeaderName, token: &str) -> boo
 /// near expiry, refreshed) token; then, if configured, introspects it.
 async fn authenticate(app: &App, cred: Option<(String, Source)>) -> Result<Verified, AuthError> {
     let verified = match (cred, &app.custody) {
+        (None, _) if app.config.auth.allow_anonymous => return Ok(Verified::anonymous()),
         (None, _) => return Err(AuthError::Missing),
         (Some((login_id, Source::Login)), Some(custody)) => {
             custody.fresh_token(&login_id).await.map_err(|e| match e {
@@ -154,6 +155,7 @@ pub async fn upgrade(
 
     let auth = authenticate(&app, cred).await;
     app.metrics.handshakes.inc(&[match &auth {
+        Ok(v) if v.anonymous => "anonymous",
         Ok(_) => "ok",
         Err(AuthError::Missing | AuthError::NoLogin) => "missing_credential",
         Err(AuthError::Expired) => "expired",

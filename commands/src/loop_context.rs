@@ -18,6 +18,9 @@ pub struct User {
 pub struct Notification {
     pub kind: String,
     pub data: Value,
+    /// A repeat of what the tabs were already told: sent only to tabs whose client expects it again every tick
+    /// (Renku's client gets `version` every long tick), never to the others, and never a new snapshot.
+    pub repeat: bool,
 }
 
 impl Notification {
@@ -25,6 +28,15 @@ impl Notification {
         Notification {
             kind: kind.into(),
             data,
+            repeat: false,
+        }
+    }
+
+    /// A notification that repeats the last one of its kind (see [`Notification::repeat`]).
+    pub fn repeated(kind: impl Into<String>, data: Value) -> Self {
+        Notification {
+            repeat: true,
+            ..Notification::new(kind, data)
         }
     }
 }

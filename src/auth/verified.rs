@@ -20,6 +20,28 @@ pub struct Verified {
     /// The token-custody login the token belongs to, when it came from one; the user's session refreshes through
     /// it. Never logged.
     pub login: Option<Arc<str>>,
+    /// An anonymous visitor (`auth.allow_anonymous`): no token at all, a session of its own per connection, loops
+    /// that need a login never run and no backend is ever called on its behalf.
+    pub anonymous: bool,
+}
+
+impl Verified {
+    /// A visitor without a credential, when `auth.allow_anonymous` lets them in: a user of their own (one per
+    /// connection, so that nothing is shared between visitors) with no token.
+    pub fn anonymous() -> Verified {
+        Verified {
+            user: User {
+                id: format!("anonymous:{:032x}", rand::random::<u128>()),
+                name: "anonymous".into(),
+            },
+            exp: 0,
+            sid: None,
+            azp: None,
+            token: Arc::from(""),
+            login: None,
+            anonymous: true,
+        }
+    }
 }
 
 /// Why a token was refused.

@@ -162,6 +162,7 @@ impl Realm {
             azp: claims.azp,
             token: Arc::from(token),
             login: None,
+            anonymous: false,
         })
     }
 }

@@ -35,6 +35,9 @@ pub struct AuthConfig {
     pub jwks_refresh_interval_ms: u64,
     /// `authExpiring` is sent this long before the session's token expires.
     pub expiry_warning_ms: u64,
+    /// Let tabs without any credential in, as Renku's UI server does for anonymous visitors: each gets a session of
+    /// its own with no token, which runs the commands that need none (`ping`, `init`) and never calls a backend.
+    pub allow_anonymous: bool,
 }
 
 impl Default for AuthConfig {
@@ -54,6 +57,7 @@ impl Default for AuthConfig {
             jwks_refetch_min_interval_ms: 10_000,
             jwks_refresh_interval_ms: 600_000,
             expiry_warning_ms: 60_000,
+            allow_anonymous: false,
         }
     }
 }

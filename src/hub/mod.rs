@@ -46,7 +46,9 @@ impl Hub {
         loop {
             let session = map
                 .entry(token.user.id.clone())
-                .or_insert_with(|| Session::new(self.services.clone(), token.user.clone()))
+                .or_insert_with(|| {
+                    Session::new(self.services.clone(), token.user.clone(), token.anonymous)
+                })
                 .clone();
             match session.attach(tab, token, &greeting) {
                 Ok(()) => return Ok(session),

@@ -35,6 +35,7 @@ fn token(user: &str) -> Verified {
         azp: None,
         token: Arc::from(format!("token-of-{user}")),
         login: None,
+        anonymous: false,
     }
 }
 

@@ -155,9 +155,11 @@ impl Loops {
                     out.push(Notification::new("recovered", json!({"function": name})));
                 }
                 for n in notes {
-                    match slot.snapshot.iter_mut().find(|s| s.kind == n.kind) {
-                        Some(s) => *s = n.clone(),
-                        None => slot.snapshot.push(n.clone()),
+                    if !n.repeat {
+                        match slot.snapshot.iter_mut().find(|s| s.kind == n.kind) {
+                            Some(s) => *s = n.clone(),
+                            None => slot.snapshot.push(n.clone()),
+                        }
                     }
                     out.push(n);
                 }

@@ -32,6 +32,7 @@ use crate::channels::Buffer;
 use crate::close_codes::{self, CloseCode};
 use crate::custody::{Custody, CustodyError};
 use crate::metrics::Metrics;
+use crate::profile::Profile;
 use crate::protocol;
 use crate::services::Services;
 use crate::subscriptions::{Action, Limits, SubscribeError, Subscriptions};
@@ -110,10 +111,12 @@ pub struct Session {
     data: SessionData,
     inner: Mutex<Inner>,
     token: TokenCell,
+    /// An anonymous visitor's session: never holds a token (see [`Verified::anonymous`]).
+    anonymous: bool,
 }
 
 impl Session {
-    pub(crate) fn new(services: Arc<Services>, user: User) -> Arc<Session> {
+    pub(crate) fn new(services: Arc<Services>, user: User, anonymous: bool) -> Arc<Session> {
         let session = Arc::new(Session {
             span: tracing::info_span!("session", user = %user.id),
             user,
@@ -128,13 +131,16 @@ impl Session {
                 subs: Subscriptions::default(),
             }),
             token: TokenCell::default(),
+            anonymous,
         });
-        let watcher = tokio::spawn(token::watch_expiry(
-            Arc::downgrade(&session),
-            session.token.changes(),
-        ))
-        .abort_handle();
-        session.lock().tasks.push(watcher);
+        if !anonymous {
+            let watcher = tokio::spawn(token::watch_expiry(
+                Arc::downgrade(&session),
+                session.token.changes(),
+            ))
+            .abort_handle();
+            session.lock().tasks.push(watcher);
+        }
         session.services.metrics.sessions.inc();
         tracing::debug!(user = %session.user.id, "session started");
         session
@@ -184,7 +190,9 @@ impl Session {
             inner.loops.wake_short(self.wake_gap());
         }
         drop(inner);
-        self.token.offer(token);
+        if !self.anonymous {
+            self.token.offer(token);
+        }
         Ok(())
     }
 
@@ -645,7 +653,11 @@ impl LoopHost for Session {
         let Inner { tabs, loops, .. } = &mut *inner;
         for n in loops.finish(name, outcome) {
             let msg = protocol::encode(&n.kind, &n.data, None);
-            for t in tabs.iter() {
+            // A repeat reaches only the tabs whose client expects it every tick (Renku's).
+            for t in tabs
+                .iter()
+                .filter(|t| !n.repeat || t.profile != Profile::Tabhub)
+            {
                 t.send(msg.clone());
             }
         }

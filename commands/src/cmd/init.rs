@@ -127,13 +127,13 @@ async fn version_loop(
     let Some(version) = current_version(&source, ctx.as_ref()).await? else {
         return Ok(vec![]);
     };
+    // Sent at every long tick, as Renku's server does: to the tabs that expect it each time (Renku's client) as a
+    // repeat, to every tab when it changed.
+    let data = json!({ "version": version });
     if ctx.session_data().get::<Known>().changed_to(&version) {
-        Ok(vec![Notification::new(
-            "version",
-            json!({ "version": version }),
-        )])
+        Ok(vec![Notification::new("version", data)])
     } else {
-        Ok(vec![])
+        Ok(vec![Notification::repeated("version", data)])
     }
 }
 
