@@ -9,3 +9,6 @@ mod support;
 
 #[path = "adversarial/commands.rs"]
 mod commands;
+
+#[path = "adversarial/subscriptions.rs"]
+mod subscriptions;
