@@ -48,6 +48,9 @@ pub enum Scenario {
     /// 4,000 users x 4 tabs on two instances sharing a Redis broker: `POST /api/publish` to users, channels and
     /// everyone, spread over both instances: messages/s, publish -> tab latency, deliveries.
     Publish,
+    /// 200 users x 1 tab pinging every 100 ms while one user with 20 tabs attacks within the rate limits: bystander
+    /// ping latency quiet vs attack (p99 within 2x), RSS quiet / peak / after, backend calls and upstream streams.
+    Abuse,
 }
 
 impl Scenario {
@@ -61,6 +64,7 @@ impl Scenario {
             Scenario::CallsPerTick => "calls-per-tick",
             Scenario::Storm => "storm",
             Scenario::Publish => "publish",
+            Scenario::Abuse => "abuse",
         }
     }
 }
@@ -82,7 +86,7 @@ pub struct RunArgs {
     /// published messages per second.
     #[arg(long)]
     pub rate: Option<f64>,
-    /// Seconds of measurement (D).
+    /// Seconds of measurement (D); in the abuse scenario, of the attack.
     #[arg(long)]
     pub duration: Option<f64>,
     /// The short loop's interval given to tabhub (the tick).
@@ -91,6 +95,13 @@ pub struct RunArgs {
     /// The session-status loop command the tabs send (the loop scenarios are skipped when tabhub lacks it).
     #[arg(long, default_value = "pullSessionStatusV2")]
     pub loop_command: String,
+    /// The abuse scenario's attacking tabs (one user; at most `limits.max_tabs_per_user`, 100).
+    #[arg(long, default_value_t = 20)]
+    pub attack_tabs: usize,
+    /// The abuse classes the attacker sends, comma-separated (default: all): setSubscriptions, channels,
+    /// visibility, kgActivation, authenticate, malformed, unknown, oversized. One at a time tells which one hurts.
+    #[arg(long, value_delimiter = ',')]
+    pub attack_classes: Vec<String>,
     /// Client processes; default: enough for `--tabs-per-worker`, at least 2 beyond 1,000 tabs.
     #[arg(long)]
     pub workers: Option<usize>,

@@ -7,8 +7,11 @@
 //!   `connected` with handshake times and failures.
 //! - `{"cmd":"reload","from":a,"to":b,"slot":s,"times":n,"gap_ms":g}`: closes and reopens tab `s` of users
 //!   `a..b`, `n` times.
-//! - `{"cmd":"report","reset":bool,...}`: latencies of events (emit -> receipt) and of session changes
-//!   (gateway change -> receipt), counts, close codes.
+//! - `{"cmd":"mode","mode":"idle"|"ping"|"attack",...}`: what every open tab does besides reading (see [`Mode`]):
+//!   nothing, a timed `ping` round trip every `every_ms` (bystanders), or commands of the abuse classes paced just
+//!   under the per-tab rate limit (the attacker). Answers `mode`.
+//! - `{"cmd":"report","reset":bool,...}`: latencies of events (emit -> receipt), of session changes
+//!   (gateway change -> receipt) and of pings, counts, what the attack sent and received, close codes.
 //! - `{"cmd":"quit"}`, or stdin closed, or `--max-seconds`: exits.
 //!
 //! Tokens are forged here, one per user (see [`crate::tokens`]).
@@ -25,7 +28,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::io::AsyncBufReadExt;
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::AbortHandle;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -88,7 +91,148 @@ struct Shared {
     sem: Semaphore,
     stats: Mutex<Stats>,
     open: AtomicUsize,
+    /// What the open tabs do besides reading; a tab picks up a change at once.
+    mode: watch::Sender<Mode>,
 }
+
+/// What a tab does besides reading what tabhub sends. The load of the abuse scenario runs here, in the client
+/// processes, rather than in the orchestrator: the bystanders and the attacker are separate processes (each its
+/// own source address), so the attacker's work (64 KiB frames, 100-topic replies) never delays the clock of a
+/// bystander's round trip, and both reuse the tabs' handshake, tokens and close accounting as they are.
+#[derive(Clone, Debug, Default)]
+enum Mode {
+    #[default]
+    Idle,
+    /// `ping {id}` every `every`, timed to its `ack` (which echoes the id): the bystanders' latency.
+    Ping { every: Duration },
+    /// The abuse classes in turn, paced just under the rate limit.
+    Attack(Attack),
+}
+
+/// The attacker's pacing and targets: whatever the generated configuration allows, not more.
+#[derive(Clone, Debug)]
+struct Attack {
+    /// Commands per second per tab (just under `limits.commands_per_second`).
+    per_second: f64,
+    /// Commands sent at once when the attack starts (under `limits.commands_burst`).
+    burst: u32,
+    /// Size of the oversized frames (just under `websocket.max_message_bytes`).
+    frame_bytes: usize,
+    /// Project topics subscribed per `setSubscriptions` (up to `gitlab.max_topics_per_tab`).
+    topics: usize,
+    /// KG project ids per `pullKgActivationStatus`.
+    kg_ids: usize,
+    /// The classes sent, in turn (a subset of [`CLASSES`]; all when the command names none).
+    classes: Vec<&'static str>,
+}
+
+/// The abuse classes of issue 14, sent in turn by every attacking tab (each starting at its own).
+pub const CLASSES: [&str; 8] = [
+    "setSubscriptions",
+    "channels",
+    "visibility",
+    "kgActivation",
+    "authenticate",
+    "malformed",
+    "unknown",
+    "oversized",
+];
+
+/// One attacking tab's progress through [`CLASSES`].
+#[derive(Default)]
+struct AttackState {
+    sent: u64,
+    /// setSubscriptions sent: odd ones ask for `topics` new event types, even ones go back to three.
+    sets: u64,
+    /// Channel commands: `CHANNEL_RUN` new `/events/...` channels subscribed, then the same unsubscribed.
+    channels: u64,
+    hidden: bool,
+    kg: u64,
+}
+
+const CHANNEL_RUN: u64 = 25;
+
+impl AttackState {
+    /// The next frame of tab `slot` of `user` (its class and text).
+    fn next(
+        &mut self,
+        a: &Attack,
+        user: usize,
+        slot: usize,
+        token: &str,
+    ) -> (&'static str, String) {
+        let class = a.classes[(self.sent as usize + slot) % a.classes.len()];
+        self.sent += 1;
+        let id = self.sent;
+        let project = tokens::project_of(user);
+        let text = match class {
+            "setSubscriptions" => {
+                self.sets += 1;
+                // New types every time: each big set makes the stream carry types it did not carry yet.
+                let topics: Vec<String> = if self.sets % 2 == 1 {
+                    (0..a.topics)
+                        .map(|k| format!("/project/{project}/a{slot}-{}-{k}", self.sets))
+                        .collect()
+                } else {
+                    ["push", "pipeline", "issue"]
+                        .iter()
+                        .map(|t| format!("/project/{project}/{t}"))
+                        .collect()
+                };
+                json!({"type": "setSubscriptions", "id": id, "data": {"topics": topics}})
+                    .to_string()
+            }
+            "channels" => {
+                let k = self.channels;
+                self.channels += 1;
+                let (round, i) = (k / (2 * CHANNEL_RUN), k % (2 * CHANNEL_RUN));
+                let topic = format!("/events/abuse/t{slot}/r{round}/c{}", i % CHANNEL_RUN);
+                let kind = if i < CHANNEL_RUN {
+                    "subscribe"
+                } else {
+                    "unsubscribe"
+                };
+                json!({"type": kind, "id": id, "data": {"topic": topic}}).to_string()
+            }
+            "visibility" => {
+                self.hidden = !self.hidden;
+                json!({"type": "visibility", "id": id, "data": {"hidden": self.hidden}}).to_string()
+            }
+            "kgActivation" => {
+                // Ids never asked before; the fixture gateway refuses a third (403), does not know a third
+                // (404) and answers a progress for the rest (see `fixtures::kg_status`).
+                let ids: Vec<u64> = (0..a.kg_ids as u64)
+                    .map(|k| KG_BASE + (slot as u64) * 1_000_000 + self.kg * a.kg_ids as u64 + k)
+                    .collect();
+                self.kg += 1;
+                json!({"type": "pullKgActivationStatus", "id": id, "data": {"projects": ids}})
+                    .to_string()
+            }
+            "authenticate" => {
+                json!({"type": "authenticate", "id": id, "data": {"token": token}}).to_string()
+            }
+            "malformed" => match id % 4 {
+                0 => format!("{{\"type\":\"ping\",\"id\":{id}"),
+                1 => "not json at all".to_owned(),
+                2 => format!("[{id}, {{\"type\": \"ping\"}}]"),
+                _ => json!({"data": {"id": id}}).to_string(),
+            },
+            "unknown" => {
+                json!({"type": format!("noSuchCommand{id}"), "id": id, "data": {}}).to_string()
+            }
+            _ => {
+                // Valid JSON of `frame_bytes` bytes: the envelope is parsed whole, then the parameters refused.
+                let head = json!({"type": "ping", "id": id, "data": {"pad": ""}}).to_string();
+                let pad = "x".repeat(a.frame_bytes.saturating_sub(head.len()));
+                json!({"type": "ping", "id": id, "data": {"pad": pad}}).to_string()
+            }
+        };
+        (class, text)
+    }
+}
+
+/// KG ids of the attack start here (far from any real project).
+pub const KG_BASE: u64 = 900_000_000;
 
 #[derive(Default)]
 struct Stats {
@@ -103,6 +247,18 @@ struct Stats {
     repeated: u64,
     messages: u64,
     closes: BTreeMap<String, u64>,
+    /// Pings sent and the round trips of those answered (`ack` with the same id).
+    pings: u64,
+    ping_rtt_us: Vec<u32>,
+    /// Pings not answered yet: (tab, id) -> when sent. A reset reports each one at its age then (a lower bound of
+    /// its round trip) and forgets it: a server that stops answering must not look fast.
+    ping_pending: HashMap<(usize, usize, u64), Instant>,
+    /// Frames the attack sent, per class, and what its tabs received, per message type.
+    attack_sent: BTreeMap<String, u64>,
+    attack_bytes: u64,
+    received: BTreeMap<String, u64>,
+    /// `error {rateLimited: true}` received: the pacing went over the limit (should stay 0).
+    rate_limited: u64,
     /// Per tab: when it became ready and the newest scheduled session change it was told of.
     tabs: HashMap<TabKey, (u64, u64)>,
 }
@@ -258,6 +414,7 @@ async fn run(a: ClientArgs) -> Result<(), String> {
         sem: Semaphore::new(a.concurrency.max(1)),
         stats: Mutex::new(Stats::default()),
         open: AtomicUsize::new(0),
+        mode: watch::Sender::new(Mode::Idle),
     });
     let mut handles: HashMap<TabKey, AbortHandle> = HashMap::new();
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
@@ -307,6 +464,26 @@ async fn run(a: ClientArgs) -> Result<(), String> {
             }
             "report" => {
                 say(report(&sh, &cmd));
+            }
+            "mode" => {
+                let mode = match cmd["mode"].as_str().unwrap_or("idle") {
+                    "ping" => Mode::Ping {
+                        every: Duration::from_millis(
+                            cmd["every_ms"].as_u64().unwrap_or(100).max(1),
+                        ),
+                    },
+                    "attack" => Mode::Attack(Attack {
+                        per_second: cmd["per_second"].as_f64().unwrap_or(1.0).max(0.1),
+                        burst: cmd["burst"].as_u64().unwrap_or(0) as u32,
+                        frame_bytes: cmd["frame_bytes"].as_u64().unwrap_or(1_024) as usize,
+                        topics: cmd["topics"].as_u64().unwrap_or(100) as usize,
+                        kg_ids: cmd["kg_ids"].as_u64().unwrap_or(10) as usize,
+                        classes: attack_classes(&cmd["classes"]),
+                    }),
+                    _ => Mode::Idle,
+                };
+                sh.mode.send_replace(mode);
+                say(json!({"ev": "mode", "open": sh.open.load(Ordering::Acquire)}));
             }
             "quit" => break,
             other => eprintln!("client: unknown command {other:?}"),
@@ -380,6 +557,125 @@ impl Drop for OpenGuard<'_> {
     }
 }
 
+/// The classes named in `v` (an array of names) that [`CLASSES`] knows; all of them when none is.
+fn attack_classes(v: &Value) -> Vec<&'static str> {
+    let named: Vec<&'static str> = CLASSES
+        .iter()
+        .copied()
+        .filter(|c| v.as_array().is_some_and(|a| a.iter().any(|x| x == c)))
+        .collect();
+    if named.is_empty() {
+        CLASSES.to_vec()
+    } else {
+        named
+    }
+}
+
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86_400)
+}
+
+/// A tab's [`Mode`] in progress: when its next frame is due, and what it is waiting for.
+struct Activity {
+    mode: Mode,
+    user: usize,
+    slot: usize,
+    due: Option<tokio::time::Instant>,
+    /// The last ping's id.
+    next_id: u64,
+    attack: AttackState,
+    /// Frames still to send at once (the attack's opening burst).
+    burst_left: u32,
+}
+
+impl Activity {
+    fn new(mode: Mode, user: usize, slot: usize) -> Activity {
+        let now = tokio::time::Instant::now();
+        let (due, burst_left) = match &mode {
+            Mode::Idle => (None, 0),
+            // Spread the tabs over the period, so the pings do not all leave at once.
+            Mode::Ping { every } => {
+                let phase = (user as u64 * 2_654_435_761 + slot as u64 * 40_503)
+                    % every.as_micros().max(1) as u64;
+                (Some(now + Duration::from_micros(phase)), 0)
+            }
+            Mode::Attack(a) => (Some(now), a.burst),
+        };
+        Activity {
+            mode,
+            user,
+            slot,
+            due,
+            next_id: 0,
+            attack: AttackState::default(),
+            burst_left,
+        }
+    }
+
+    /// The frame due now; schedules the next one.
+    fn next_frame(&mut self, token: &str) -> (&'static str, String) {
+        let now = tokio::time::Instant::now();
+        match &self.mode {
+            Mode::Idle => {
+                self.due = None;
+                ("idle", String::new())
+            }
+            Mode::Ping { every } => {
+                self.next_id += 1;
+                let id = self.next_id;
+                // From the schedule, not from now: a late send does not shift the ones after it.
+                self.due = self.due.map(|d| (d + *every).max(now));
+                ("ping", json!({"type": "ping", "id": id}).to_string())
+            }
+            Mode::Attack(a) => {
+                let a = a.clone();
+                if self.burst_left > 0 {
+                    self.burst_left -= 1;
+                } else {
+                    let gap = Duration::from_secs_f64(1.0 / a.per_second);
+                    self.due = self.due.map(|d| (d + gap).max(now));
+                }
+                self.attack.next(&a, self.user, self.slot, token)
+            }
+        }
+    }
+
+    /// What this tab's mode wants from a received message: the ping's round trip, the attack's counts.
+    fn on_text(&mut self, sh: &Shared, text: &str) {
+        match &self.mode {
+            Mode::Idle => {}
+            Mode::Ping { .. } => {
+                if !text.contains("\"ack\"") {
+                    return;
+                }
+                let Ok(v) = serde_json::from_str::<Value>(text) else {
+                    return;
+                };
+                if v["type"] != "ack" {
+                    return;
+                }
+                let Some(id) = v["id"].as_u64() else {
+                    return;
+                };
+                let mut st = lock(&sh.stats);
+                if let Some(sent) = st.ping_pending.remove(&(self.user, self.slot, id)) {
+                    st.ping_rtt_us
+                        .push(sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                }
+            }
+            Mode::Attack(_) => {
+                let v = serde_json::from_str::<Value>(text).unwrap_or(Value::Null);
+                let kind = v["type"].as_str().unwrap_or("(not JSON)").to_owned();
+                let mut st = lock(&sh.stats);
+                if v["data"]["rateLimited"] == true {
+                    st.rate_limited += 1;
+                }
+                *st.received.entry(kind).or_default() += 1;
+            }
+        }
+    }
+}
+
 async fn run_tab(sh: Arc<Shared>, round: Arc<Round>, user: usize, slot: usize) {
     let mut failures = 0u32;
     let mut ws = loop {
@@ -411,9 +707,40 @@ async fn run_tab(sh: Arc<Shared>, round: Arc<Round>, user: usize, slot: usize) {
     lock(&sh.stats).tabs.insert((user, slot), (ready_ns, 0));
     round.end_one(true);
     let mut last_change = 0u64;
+    let mut mode_rx = sh.mode.subscribe();
+    let mut act = Activity::new(mode_rx.borrow_and_update().clone(), user, slot);
+    let token = sh.tokens.get(&user).cloned().unwrap_or_default();
     loop {
-        match ws.next().await {
+        let due = act.due;
+        let frame = tokio::select! {
+            f = ws.next() => f,
+            r = mode_rx.changed() => {
+                if r.is_ok() {
+                    act = Activity::new(mode_rx.borrow_and_update().clone(), user, slot);
+                }
+                continue;
+            }
+            _ = tokio::time::sleep_until(due.unwrap_or_else(far_future)), if due.is_some() => {
+                let (class, text) = act.next_frame(&token);
+                let len = text.len() as u64;
+                if let Err(e) = ws.send(Message::text(text)).await {
+                    *lock(&sh.stats).closes.entry(format!("error: {e}")).or_default() += 1;
+                    break;
+                }
+                let mut st = lock(&sh.stats);
+                if class == "ping" {
+                    st.pings += 1;
+                    st.ping_pending.insert((user, slot, act.next_id), Instant::now());
+                } else {
+                    *st.attack_sent.entry(class.to_owned()).or_default() += 1;
+                    st.attack_bytes += len;
+                }
+                continue;
+            }
+        };
+        match frame {
             Some(Ok(Message::Text(t))) => {
+                act.on_text(&sh, t.as_str());
                 on_text(&sh, t.as_str(), (user, slot), ready_ns, &mut last_change)
             }
             Some(Ok(Message::Close(f))) => {
@@ -656,6 +983,15 @@ fn report(sh: &Shared, cmd: &Value) -> Value {
         }
         _ => 0,
     };
+    // Pings still unanswered: their age now. Counted (and forgotten) at a reset only.
+    let mut unanswered_age_us: Vec<u32> = Vec::new();
+    if cmd["reset"].as_bool().unwrap_or(false) {
+        unanswered_age_us = st
+            .ping_pending
+            .drain()
+            .map(|(_, sent)| sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32)
+            .collect();
+    }
     let mut out = json!({
         "ev": "report",
         "events": st.events,
@@ -669,9 +1005,22 @@ fn report(sh: &Shared, cmd: &Value) -> Value {
         "closes": st.closes,
         "open": sh.open.load(Ordering::Acquire),
         "late_tabs": late,
+        "pings": st.pings,
+        "ping_rtt_us": st.ping_rtt_us,
+        "ping_unanswered_age_us": unanswered_age_us,
+        "attack_sent": st.attack_sent,
+        "attack_bytes": st.attack_bytes,
+        "received": st.received,
+        "rate_limited": st.rate_limited,
     });
     if cmd["counts_only"] == true {
-        for k in ["event_lat_us", "change_lat_us", "publish_lat_us"] {
+        for k in [
+            "event_lat_us",
+            "change_lat_us",
+            "publish_lat_us",
+            "ping_rtt_us",
+            "ping_unanswered_age_us",
+        ] {
             out[k] = json!([]);
         }
     }
@@ -685,6 +1034,12 @@ fn report(sh: &Shared, cmd: &Value) -> Value {
         st.publish_lat_us.clear();
         st.messages = 0;
         st.closes.clear();
+        st.pings = 0;
+        st.ping_rtt_us.clear();
+        st.attack_sent.clear();
+        st.attack_bytes = 0;
+        st.received.clear();
+        st.rate_limited = 0;
     }
     out
 }

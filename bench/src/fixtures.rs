@@ -6,7 +6,8 @@
 //! - a counting gateway (`/gateway/...`, any path, keep-alive): counts calls per user (the token's `sub`, read
 //!   without verification) and answers a session list whose state changes on a schedule ([`last_change`]), which
 //!   the client processes know too: the notification tabhub sends carries no data, so a tab times a change from
-//!   the schedule;
+//!   the schedule; `/gateway/projects/{id}/graph/status` answers the KG activation (see [`kg_status`]) and is
+//!   counted the same way, and apart;
 //! - `/bench/...`: the orchestrator's view (counts, streams) and controls (emit).
 //!
 //! It prints `{"listening": "<addr>"}` on stdout once serving, and exits when its stdin closes (the orchestrator
@@ -49,6 +50,7 @@ struct Fx {
     calls: Mutex<HashMap<usize, u64>>,
     calls_total: AtomicU64,
     calls_unknown: AtomicU64,
+    kg_calls: AtomicU64,
     epoch_ns: u64,
     period_ns: u64,
     emitted: AtomicU64,
@@ -120,12 +122,14 @@ async fn serve(a: FixturesArgs) -> Result<(), String> {
         calls: Mutex::new(HashMap::new()),
         calls_total: AtomicU64::new(0),
         calls_unknown: AtomicU64::new(0),
+        kg_calls: AtomicU64::new(0),
         epoch_ns,
         period_ns,
         emitted: AtomicU64::new(0),
         emitting: AtomicBool::new(false),
     });
     let bench = Router::new()
+        .route("/gateway/projects/{id}/graph/status", get(kg_status))
         .route("/gateway/{*rest}", get(gateway))
         .route("/bench/gateway", get(gateway_counts))
         .route("/bench/streams", get(streams))
@@ -153,22 +157,68 @@ async fn serve(a: FixturesArgs) -> Result<(), String> {
     }
 }
 
-async fn gateway(State(fx): State<Arc<Fx>>, headers: HeaderMap) -> Response {
+/// Counts a gateway call for the token's user; None (answer 401) when the token names no bench user.
+fn count_call(fx: &Fx, headers: &HeaderMap) -> Option<usize> {
     fx.calls_total.fetch_add(1, Ordering::Relaxed);
     let auth = headers.get("authorization").and_then(|v| v.to_str().ok());
     let Some(user) = tokens::bearer_sub(auth).and_then(|s| tokens::user_of_sub(&s)) else {
         fx.calls_unknown.fetch_add(1, Ordering::Relaxed);
-        return (
-            StatusCode::UNAUTHORIZED,
-            Json(json!({"message": "401 Unauthorized"})),
-        )
-            .into_response();
+        return None;
     };
     *fx.calls
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .entry(user)
         .or_default() += 1;
+    Some(user)
+}
+
+fn unauthorized() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        Json(json!({"message": "401 Unauthorized"})),
+    )
+        .into_response()
+}
+
+/// A project's KG activation, by its id: a third is refused (403: tabhub reports -2 and drops it), a third is not
+/// known yet (404: tabhub keeps polling it), the rest answer a progress that does not move (polled until
+/// `kg_stale_after_ms`). An id that is not a number is a 400. The abuse scenario's attacker asks for many of each.
+async fn kg_status(
+    State(fx): State<Arc<Fx>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    fx.kg_calls.fetch_add(1, Ordering::Relaxed);
+    if count_call(&fx, &headers).is_none() {
+        return unauthorized();
+    }
+    let Ok(n) = id.parse::<u64>() else {
+        return (StatusCode::BAD_REQUEST, Json(json!({"message": "bad id"}))).into_response();
+    };
+    match n % 3 {
+        0 => (
+            StatusCode::FORBIDDEN,
+            Json(json!({"message": "403 Forbidden"})),
+        )
+            .into_response(),
+        1 => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"message": "404 Not Found"})),
+        )
+            .into_response(),
+        _ => {
+            let pct = (n % 90) as f64;
+            Json(json!({"activated": false, "progress": {"done": n % 90, "total": 100, "percentage": pct}}))
+                .into_response()
+        }
+    }
+}
+
+async fn gateway(State(fx): State<Arc<Fx>>, headers: HeaderMap) -> Response {
+    let Some(user) = count_call(&fx, &headers) else {
+        return unauthorized();
+    };
     let (changed, generation) = last_change(fx.epoch_ns, fx.period_ns, user, unix_ns());
     Json(json!([{
         "name": format!("bench-session-{user}"),
@@ -195,6 +245,7 @@ async fn gateway_counts(State(fx): State<Arc<Fx>>, Query(r): Query<Range>) -> Js
     Json(json!({
         "total": fx.calls_total.load(Ordering::Relaxed),
         "unattributed": fx.calls_unknown.load(Ordering::Relaxed),
+        "kg": fx.kg_calls.load(Ordering::Relaxed),
         "per_user": per_user,
     }))
 }

@@ -8,7 +8,11 @@
 //! - `storm`: every tab dropped and reconnected at once: time to full reconnection, backend calls it caused;
 //! - `publish`: `POST /api/publish` at a rate (users and channels), broadcasts, then flat out: messages/s,
 //!   deliveries, publish -> tab latency, CPU (two instances behind a shared Redis in the publish scenario, one
-//!   instance with the memory broker in the smoke).
+//!   instance with the memory broker in the smoke);
+//! - `abuse`: bystanders ping while one user attacks within the rate limits: the bystanders' round trips and
+//!   tabhub's memory before, during and after the attack (see [`Bench::abuse`]).
+
+mod abuse;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -21,7 +25,7 @@ use crate::orchestrate::{self, Fixtures, Redis, Tabhub, Talker};
 use crate::procs;
 use crate::publisher::{self, Mix, Outcome};
 use crate::report::{pcts, round3, spread, summary_ms, Report};
-use crate::shape::{Group, Shape};
+use crate::shape::{Group, Limits, Shape};
 use crate::tokens;
 
 fn uniform(args: &RunArgs, users: usize, tabs: usize) -> Vec<Group> {
@@ -32,6 +36,7 @@ fn uniform(args: &RunArgs, users: usize, tabs: usize) -> Vec<Group> {
         to: u,
         tabs: t,
         reload: false,
+        attack: false,
     }]
 }
 
@@ -46,6 +51,7 @@ pub fn shape_of(args: &RunArgs) -> Shape {
         Scenario::CallsPerTick => (0, 0, 1, 0.0, 10.0, 1_000),
         Scenario::Storm => (4_000, 4, 0, 0.0, 0.0, 5_000),
         Scenario::Publish => (4_000, 4, 0, 1_000.0, 20.0, 5_000),
+        Scenario::Abuse => (200, 1, 1, 0.0, 10.0, 5_000),
     };
     let (channels, instances) = match args.scenario {
         Scenario::Smoke => (10, 1),
@@ -67,12 +73,31 @@ pub fn shape_of(args: &RunArgs) -> Shape {
                 to: from + n,
                 tabs,
                 reload,
+                attack: false,
             });
             from += n;
         }
         gs
+    } else if args.scenario == Scenario::Abuse {
+        let mut gs = uniform(args, u, t);
+        let attacker = gs[0].to;
+        gs[0].name = format!("bystanders: {}", gs[0].name);
+        gs.push(Group {
+            name: format!("attacker: 1 user x {} tabs", args.attack_tabs),
+            from: attacker,
+            to: attacker + 1,
+            tabs: args.attack_tabs,
+            reload: false,
+            attack: true,
+        });
+        gs
     } else {
         uniform(args, u, t)
+    };
+    let limits = if args.scenario == Scenario::Abuse {
+        Limits::tabhub_defaults()
+    } else {
+        Limits::wide_open()
     };
     Shape {
         groups,
@@ -82,18 +107,38 @@ pub fn shape_of(args: &RunArgs) -> Shape {
         rate: args.rate.unwrap_or(r),
         duration: args.duration.unwrap_or(d),
         short_interval_ms: args.short_interval_ms.unwrap_or(tick),
+        limits,
     }
 }
 
-/// Splits the users over `n` client processes with balanced tabs: one plan (`a-b:T,...`) per process.
+/// Splits the users over `n` client processes with balanced tabs: one plan (`a-b:T,...`) per process; then one
+/// process of its own per attacking group (the abuse scenario), last.
 fn split(shape: &Shape, n: usize) -> Vec<String> {
-    let total = shape.tabs();
+    let mut plans = split_plain(shape, n);
+    for g in shape.groups.iter().filter(|g| g.attack) {
+        plans.push(format!("{}-{}:{}", g.from, g.to, g.tabs));
+    }
+    plans
+}
+
+/// The users of `shape` beyond any attacking group, for [`split`].
+fn split_plain(shape: &Shape, n: usize) -> Vec<String> {
+    let attacking = |u: usize| {
+        shape
+            .groups
+            .iter()
+            .any(|g| g.attack && u >= g.from && u < g.to)
+    };
+    let total: usize = (0..shape.users())
+        .filter(|&u| !attacking(u))
+        .map(|u| shape.tabs_of(u))
+        .sum();
     let per = total.div_ceil(n.max(1)).max(1);
     let mut plans: Vec<Vec<(usize, usize, usize)>> = vec![Vec::new()];
     let mut filled = 0;
     for u in 0..shape.users() {
         let t = shape.tabs_of(u);
-        if t == 0 {
+        if t == 0 || attacking(u) {
             continue;
         }
         if filled >= per && plans.len() < n {
@@ -131,6 +176,12 @@ struct Bench {
     targets: bool,
     rep: Report,
     connected_at: Instant,
+    /// The first instance's generated configuration.
+    config: PathBuf,
+    /// The last `attackers` workers hold the attacking groups.
+    attackers: usize,
+    /// `--attack-classes`.
+    attack_classes: Vec<String>,
 }
 
 pub async fn run(args: &RunArgs) -> Result<(), String> {
@@ -142,11 +193,22 @@ pub async fn run(args: &RunArgs) -> Result<(), String> {
     let has_loop = orchestrate::has_command(&binary, &args.loop_command).await?;
     let wants_loop = matches!(
         args.scenario,
-        Scenario::Smoke | Scenario::Loops | Scenario::CallsPerTick | Scenario::Storm
+        Scenario::Smoke
+            | Scenario::Loops
+            | Scenario::CallsPerTick
+            | Scenario::Storm
+            | Scenario::Abuse
     );
     let looping = has_loop && wants_loop;
+    let attackers = shape.groups.iter().filter(|g| g.attack).count();
+    let attacking_tabs: usize = shape
+        .groups
+        .iter()
+        .filter(|g| g.attack)
+        .map(|g| (g.to - g.from) * g.tabs)
+        .sum();
     let workers_n = args.workers.unwrap_or_else(|| {
-        let t = shape.tabs();
+        let t = shape.tabs() - attacking_tabs;
         t.div_ceil(args.tabs_per_worker.max(1))
             .max(if t >= 1_000 { 2 } else { 1 })
     });
@@ -166,7 +228,12 @@ pub async fn run(args: &RunArgs) -> Result<(), String> {
             "rate_per_s": shape.rate,
             "duration_s": shape.duration,
             "short_interval_ms": shape.short_interval_ms,
-            "client_processes": workers_n,
+            "client_processes": workers_n + attackers,
+            "limits": {
+                "max_tabs_per_user": shape.limits.max_tabs_per_user,
+                "commands_per_second": shape.limits.commands_per_second,
+                "commands_burst": shape.limits.commands_burst,
+            },
             "loop_command": args.loop_command,
             "loop_command_present": has_loop,
         }),
@@ -176,7 +243,7 @@ pub async fn run(args: &RunArgs) -> Result<(), String> {
         shape.users(),
         shape.tabs(),
         shape.topics,
-        workers_n,
+        workers_n + attackers,
         binary.display()
     );
     if wants_loop && !has_loop {
@@ -204,10 +271,12 @@ pub async fn run(args: &RunArgs) -> Result<(), String> {
         ));
     }
     let mut tabhubs = Vec::new();
+    let mut configs = Vec::new();
     for k in 0..shape.instances.max(1) {
         let id = format!("bench-{}", (b'a' + k as u8) as char);
         let config = PathBuf::from(format!("target/bench/{name}-tabhub-{id}.toml"));
         tabhubs.push(Tabhub::start(&binary, &config, &id, &fixtures, &shape, &extra).await?);
+        configs.push(config);
     }
     let mut workers = Vec::new();
     for (i, plan) in split(&shape, workers_n).iter().enumerate() {
@@ -238,6 +307,9 @@ pub async fn run(args: &RunArgs) -> Result<(), String> {
         targets: args.scenario != Scenario::Smoke,
         rep,
         connected_at: Instant::now(),
+        config: configs.swap_remove(0),
+        attackers,
+        attack_classes: args.attack_classes.clone(),
     };
     let result = b.scenario(args.scenario).await;
     if let Err(e) = &result {
@@ -332,6 +404,7 @@ impl Bench {
             }
             Scenario::Storm => self.storm().await?,
             Scenario::Publish => self.publish().await?,
+            Scenario::Abuse => self.abuse(&self.attack_classes.clone()).await?,
         }
         if !self.tabhubs.iter_mut().all(Tabhub::alive) {
             return Err("tabhub died during the run".into());

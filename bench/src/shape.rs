@@ -9,6 +9,37 @@ pub struct Group {
     pub tabs: usize,
     /// Tab 0 of each user is reloaded during the loop measurement.
     pub reload: bool,
+    /// The abuse scenario's attacker: its tabs get a client process of their own.
+    pub attack: bool,
+}
+
+/// The `[limits]` tabhub runs with. The bench's own are wide open (its load comes from a few addresses and sends
+/// as fast as it measures); the abuse scenario keeps tabhub's defaults for what a tab may do, since attacking
+/// within them is the point.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_tabs_per_user: usize,
+    pub commands_per_second: f64,
+    pub commands_burst: f64,
+}
+
+impl Limits {
+    pub fn wide_open() -> Limits {
+        Limits {
+            max_tabs_per_user: 0,
+            commands_per_second: 1_000.0,
+            commands_burst: 1_000.0,
+        }
+    }
+
+    /// tabhub's defaults (`docs/configuration.md`, `[limits]`).
+    pub fn tabhub_defaults() -> Limits {
+        Limits {
+            max_tabs_per_user: 100,
+            commands_per_second: 20.0,
+            commands_burst: 40.0,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -22,6 +53,7 @@ pub struct Shape {
     pub rate: f64,
     pub duration: f64,
     pub short_interval_ms: u64,
+    pub limits: Limits,
 }
 
 impl Shape {
