@@ -50,6 +50,8 @@ pub fn config(addr: SocketAddr) -> Config {
     };
     c.auth.issuer = format!("{base}/realms/demo");
     c.auth.client_ids = vec![CLIENT_ID.into(), CUSTODY_CLIENT.into()];
+    // Renku's own client connects to its UI server's path; serve both.
+    c.websocket.paths = vec!["/ws".into(), "/ui-server/ws".into()];
     c.custody.enabled = true;
     c.custody.client_id = CUSTODY_CLIENT.into();
     c.custody.client_secret = CUSTODY_SECRET.into();
