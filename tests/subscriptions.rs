@@ -20,9 +20,6 @@ async fn setup_with(f: impl FnOnce(&mut tabhub::Config)) -> Setup {
     let kc = Keycloak::start().await;
     let (gitlab, base) = support::gitlab(100).await;
     let mut c = support::config_with_gitlab(&kc, &base);
-    // Restarts paced for tests: coalesced over 20 ms, connections of a project at least 100 ms apart.
-    c.gitlab.restart_coalesce_ms = 20;
-    c.gitlab.min_reconnect_interval_ms = 100;
     f(&mut c);
     let t = support::start(c, tabhub::commands::builtin()).await;
     Setup { kc, gitlab, t }

@@ -19,13 +19,6 @@ pub struct GitlabConfig {
     /// Reconnection backoff (full jitter) after a dropped stream, a network error or a 5xx.
     pub reconnect_initial_ms: u64,
     pub reconnect_max_ms: u64,
-    /// Changes that need a project's stream reopened (a new event type, a tab catching up from an id older than the
-    /// replay buffer, a new token) are gathered over this window into one restart: a `setSubscriptions` adding 99
-    /// types costs one reconnection, not 99.
-    pub restart_coalesce_ms: u64,
-    /// Two connections of one project's stream are at least this far apart, whatever the cause (restart, retry,
-    /// a project unsubscribed and subscribed again): tabs churning their topics cannot make GitLab requests faster.
-    pub min_reconnect_interval_ms: u64,
     /// Events kept per stream, so that a tab joining an open stream with a recent `lastEventId` gets what it
     /// missed without reconnecting upstream.
     pub replay_buffer_events: usize,
@@ -43,8 +36,6 @@ impl Default for GitlabConfig {
             connect_timeout_ms: 5_000,
             reconnect_initial_ms: 500,
             reconnect_max_ms: 30_000,
-            restart_coalesce_ms: 200,
-            min_reconnect_interval_ms: 1_000,
             replay_buffer_events: 256,
             max_topics_per_tab: 100,
             max_projects_per_user: 20,
@@ -68,11 +59,6 @@ impl GitlabConfig {
             ("gitlab.stall_timeout_ms", self.stall_timeout_ms),
             ("gitlab.connect_timeout_ms", self.connect_timeout_ms),
             ("gitlab.reconnect_initial_ms", self.reconnect_initial_ms),
-            ("gitlab.restart_coalesce_ms", self.restart_coalesce_ms),
-            (
-                "gitlab.min_reconnect_interval_ms",
-                self.min_reconnect_interval_ms,
-            ),
             (
                 "gitlab.replay_buffer_events",
                 self.replay_buffer_events as u64,

@@ -35,7 +35,7 @@ use crate::metrics::Metrics;
 use crate::profile::Profile;
 use crate::protocol;
 use crate::services::Services;
-use crate::subscriptions::{Action, Connect, Limits, Pace, SubscribeError, Subscriptions};
+use crate::subscriptions::{Action, Limits, SubscribeError, Subscriptions};
 use crate::tab::Tab;
 use crate::upstream::StreamSink;
 use loops::{LoopHost, Loops};
@@ -415,16 +415,6 @@ impl Session {
             projects_per_user: g.max_projects_per_user,
             channels_per_user: self.services.config.publish.max_channels_per_user,
             buffer: g.replay_buffer_events,
-            pace: self.pace(),
-        }
-    }
-
-    /// How often one project's stream may restart (`gitlab.restart_coalesce_ms`, `gitlab.min_reconnect_interval_ms`).
-    fn pace(&self) -> Pace {
-        let g = &self.services.config.gitlab;
-        Pace {
-            window: Duration::from_millis(g.restart_coalesce_ms),
-            min_interval: Duration::from_millis(g.min_reconnect_interval_ms),
         }
     }
 
@@ -507,69 +497,36 @@ impl Session {
         self.lock().subs.topics_of(tab.id)
     }
 
-    /// Reopens every upstream stream with the newest token, resuming after the last event (after a refresh), each
-    /// as soon as its restart pace allows.
+    /// Reopens every upstream stream with the newest token, resuming after the last event (after a refresh).
     pub fn rebuild_streams(self: &Arc<Self>) {
-        let pace = self.pace();
         let mut inner = self.lock();
-        if inner.stopped {
-            return;
-        }
-        for a in inner.subs.restart_all(pace, Instant::now()) {
+        for a in inner.subs.restart_all() {
             self.apply(&mut inner, a);
         }
     }
 
-    /// Carries out a subscription action: starts a connection task, or a timer that decides on a restart when the
-    /// coalescing window and the minimum interval have passed. Both hold the session weakly.
     fn apply(self: &Arc<Self>, inner: &mut Inner, action: Action) {
-        match action {
-            Action::Start {
-                project,
+        let Action::Start {
+            project,
+            filter,
+            generation,
+            ..
+        } = action;
+        let span = tracing::info_span!(parent: &self.span, "upstream", project = %project);
+        let sink: Arc<dyn StreamSink> = self.clone();
+        let task = tokio::spawn(
+            crate::upstream::run(
+                self.services.upstream.clone(),
+                Arc::downgrade(&sink),
+                project.clone(),
+                filter,
                 generation,
-            } => {
-                let span = tracing::info_span!(parent: &self.span, "upstream", project = %project);
-                let sink: Arc<dyn StreamSink> = self.clone();
-                let task = tokio::spawn(
-                    crate::upstream::run(
-                        self.services.upstream.clone(),
-                        Arc::downgrade(&sink),
-                        project.clone(),
-                        generation,
-                    )
-                    .instrument(span),
-                )
-                .abort_handle();
-                if let Some(s) = inner.subs.stream_mut(&project) {
-                    s.task = Some(task);
-                }
-            }
-            Action::Wake { project, at } => {
-                let session = Arc::downgrade(self);
-                let key = project.clone();
-                let timer = tokio::spawn(async move {
-                    tokio::time::sleep_until(at.into()).await;
-                    if let Some(s) = session.upgrade() {
-                        s.restart_due(&key);
-                    }
-                })
-                .abort_handle();
-                if let Some(s) = inner.subs.stream_mut(&project) {
-                    s.timer = Some(timer);
-                }
-            }
-        }
-    }
-
-    /// A project's restart decision is due (see [`Subscriptions::due`]).
-    fn restart_due(self: &Arc<Self>, project: &str) {
-        let pace = self.pace();
-        let mut inner = self.lock();
-        if inner.stopped {
-            return;
-        }
-        if let Some(a) = inner.subs.due(project, pace, Instant::now()) {
-            self.apply(&mut inner, a);
+            )
+            .instrument(span),
+        )
+        .abort_handle();
+        if let Some(s) = inner.subs.stream_mut(&project) {
+            s.task = Some(task);
         }
     }
 
@@ -733,10 +690,8 @@ impl StreamSink for Session {
         self.token.changes()
     }
 
-    fn connect(&self, project: &str, generation: u64) -> Option<Connect> {
-        self.lock()
-            .subs
-            .connect(project, generation, Instant::now())
+    fn resume_id(&self, project: &str) -> Option<String> {
+        self.lock().subs.resume_id(project)
     }
 
     fn opened(&self, project: &str, generation: u64) {
