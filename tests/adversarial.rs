@@ -21,5 +21,7 @@ mod logs;
 mod publish;
 #[path = "adversarial/slowloris.rs"]
 mod slowloris;
+#[path = "adversarial/subscriptions.rs"]
+mod subscriptions;
 #[path = "adversarial/tokens.rs"]
 mod tokens;

@@ -161,7 +161,18 @@ mod tests {
             Some("group/sub/name.v2")
         );
         assert_eq!(decode_project_id("a..b").as_deref(), Some("a..b"));
-        for bad in ["", ".", "..", "%2e", "%2E%2e", "a%2F..", "..%2Fa", "a%2F.%2Fb", "%", "%2"] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "%2e",
+            "%2E%2e",
+            "a%2F..",
+            "..%2Fa",
+            "a%2F.%2Fb",
+            "%",
+            "%2",
+        ] {
             assert_eq!(decode_project_id(bad), None, "{bad}");
         }
     }
