@@ -461,3 +461,67 @@ async fn bad_topics_and_limits_are_clear_errors() {
         "{msg}"
     );
 }
+
+/// All of a project's event ids a tab receives within `d`, sorted, with no repeat allowed.
+async fn all_ids(c: &mut Client, d: Duration) -> Vec<u64> {
+    let mut ids = Vec::new();
+    while let Some(m) = c.next_within(d).await {
+        if m["type"] == "event" {
+            ids.push(m["data"]["id"].as_str().unwrap().parse::<u64>().unwrap());
+        }
+    }
+    ids.sort_unstable();
+    let n = ids.len();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "an event came twice: {ids:?}");
+    ids
+}
+
+/// The browser client's "replay history": every type of a project subscribed at once with `lastEventId: "0"`,
+/// while the history holds events of every type. The tab gets every id, once.
+#[tokio::test]
+async fn every_type_from_the_start_at_once_gets_every_event_once() {
+    let s = setup().await;
+    let types = ["push", "pipeline", "merge_request", "issue"];
+    for i in 0..12 {
+        s.gitlab.emit("9", types[i % 4], json!({"n": i}));
+    }
+    let mut a = s.tab("alice").await;
+    // As the page does: the four subscriptions sent at once, events arriving between their replies.
+    for t in types {
+        let data = json!({"topic": format!("/project/9/{t}"), "lastEventId": "0"});
+        a.send("subscribe", data, None).await;
+    }
+    for i in 12..16 {
+        s.gitlab.emit("9", types[i % 4], json!({"n": i}));
+    }
+    let ids = all_ids(&mut a, Duration::from_millis(1_500)).await;
+    assert_eq!(ids, (1..=16).collect::<Vec<u64>>());
+}
+
+/// A page reconnecting to a new instance resubscribes every type with its own last seen id, while newer events of
+/// every type wait upstream: it gets each newer event once. (The stream resumes from the oldest id asked, so a type
+/// seen further may get again an event it had; the browser client drops such repeats by id.)
+#[tokio::test]
+async fn resubscribing_every_type_from_its_own_last_id_misses_nothing() {
+    let s = setup().await;
+    let types = ["push", "pipeline", "merge_request", "issue"];
+    // Ids 1..=12: push 1, 5, 9; pipeline 2, 6, 10; merge_request 3, 7, 11; issue 4, 8, 12.
+    for i in 0..12 {
+        s.gitlab.emit("6", types[i % 4], json!({"n": i}));
+    }
+    // The page had seen 1..=9: push up to 9, pipeline up to 6, merge_request up to 7, issue up to 8.
+    let last = ["9", "6", "7", "8"];
+    let mut a = s.tab("alice").await;
+    for (t, l) in types.iter().zip(last) {
+        let data = json!({"topic": format!("/project/6/{t}"), "lastEventId": l});
+        a.send("subscribe", data, None).await;
+    }
+    for i in 12..16 {
+        s.gitlab.emit("6", types[i % 4], json!({"n": i}));
+    }
+    let ids = all_ids(&mut a, Duration::from_millis(1_500)).await;
+    let newer: Vec<u64> = ids.iter().copied().filter(|i| *i >= 10).collect();
+    assert_eq!(newer, (10..=16).collect::<Vec<u64>>(), "{ids:?}");
+    assert!(ids.iter().all(|i| *i > 6), "only events after the oldest id asked: {ids:?}");
+}
