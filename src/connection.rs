@@ -284,6 +284,8 @@ async fn handle_text(
         }
     };
     app.metrics.commands.inc(&[label, outcome]);
+    // Whatever the command did to the user's topics, one upstream (re)start per project, now.
+    session.flush_streams();
 }
 
 fn send_error(tab: &Tab, message: &str, id: Option<&Value>) {

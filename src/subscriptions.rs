@@ -3,9 +3,11 @@
 //! stream connection) for the session to carry out, so that every rule here is testable without a network.
 //!
 //! Rules:
-//! - a stream's event-type filter is a superset of what the tabs want. A new type reopens the connection with the
-//!   union, resuming after the last event received (`Last-Event-ID`), so nothing is lost or repeated; a type nobody
-//!   wants any more is filtered locally until the next reconnection (no reconnect churn when tabs navigate);
+//! - a stream's event-type filter is the union of what the tabs wanted at its last (re)start. A new type reopens the
+//!   connection with the union, resuming after the last event received (`Last-Event-ID`), so nothing is lost or
+//!   repeated; a type nobody wants any more is filtered locally until the next reconnection, which drops it (no
+//!   reconnect churn when tabs navigate, and no filter growing with every name a user tries). The session opens a
+//!   command's restarts once, when the command ends;
 //! - each event reaches each tab holding its topic exactly once: ids already delivered (still in the replay buffer)
 //!   are dropped if the upstream repeats them;
 //! - a tab subscribing with a `lastEventId` still in the replay buffer gets what it missed from the buffer, atomically
@@ -172,7 +174,12 @@ impl Subscriptions {
             .streams
             .get_mut(project)
             .expect("start is called for an existing stream");
-        s.filter.extend(wanted);
+        // The union of what the tabs hold now: types let go since the last start are dropped, so a user cycling
+        // through type names cannot grow it (an empty set would ask GitLab for every type: a stream kept after its
+        // last tab keeps its filter).
+        if !wanted.is_empty() {
+            s.filter = wanted;
+        }
         s.generation = generation;
         s.resume_id = from.clone();
         if let Some(t) = s.task.take() {
@@ -606,6 +613,28 @@ mod tests {
         // Removing a type filters locally, without reopening.
         assert_eq!(s.unsubscribe(2, &t("/project/1/issue")), (true, false));
         assert!(event(&mut s, g2, "10", "issue").is_empty());
+    }
+
+    /// Item 4 of issue 14: a user cycling through type names grew the filter (and every restart's copy of it)
+    /// without bound. It is the union of what is held at each start.
+    #[test]
+    fn the_filter_is_what_tabs_hold_at_each_start() {
+        let mut s = Subscriptions::default();
+        s.subscribe(1, &t("/project/1/push"), None, LIMITS).unwrap();
+        s.subscribe(1, &t("/project/1/issue"), None, LIMITS)
+            .unwrap();
+        s.unsubscribe(1, &t("/project/1/issue"));
+        let a = s
+            .subscribe(1, &t("/project/1/pipeline"), None, LIMITS)
+            .unwrap()
+            .2;
+        match &a {
+            Some(Action::Start { filter, .. }) => assert_eq!(
+                filter.iter().map(String::as_str).collect::<Vec<_>>(),
+                ["pipeline", "push"]
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

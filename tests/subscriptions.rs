@@ -523,5 +523,8 @@ async fn resubscribing_every_type_from_its_own_last_id_misses_nothing() {
     let ids = all_ids(&mut a, Duration::from_millis(1_500)).await;
     let newer: Vec<u64> = ids.iter().copied().filter(|i| *i >= 10).collect();
     assert_eq!(newer, (10..=16).collect::<Vec<u64>>(), "{ids:?}");
-    assert!(ids.iter().all(|i| *i > 6), "only events after the oldest id asked: {ids:?}");
+    assert!(
+        ids.iter().all(|i| *i > 6),
+        "only events after the oldest id asked: {ids:?}"
+    );
 }

@@ -13,6 +13,7 @@ pub(crate) mod loops;
 pub(crate) mod streams;
 pub(crate) mod token;
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -51,6 +52,10 @@ struct Inner {
     /// Tasks that die with the session (token expiry watcher...).
     tasks: Vec<AbortHandle>,
     subs: Subscriptions,
+    /// Stream (re)starts asked by the command being handled, by project: applied once when it ends
+    /// ([`Session::flush_streams`]), so that a `setSubscriptions` adding 99 types of a project opens one upstream
+    /// connection, not 99.
+    pending_starts: BTreeMap<String, Action>,
 }
 
 /// Why a tab could not join.
@@ -129,6 +134,7 @@ impl Session {
                 loops: Loops::default(),
                 tasks: Vec::new(),
                 subs: Subscriptions::default(),
+                pending_starts: BTreeMap::new(),
             }),
             token: TokenCell::default(),
             anonymous,
@@ -263,6 +269,7 @@ impl Session {
 
     fn stop_locked(&self, inner: &mut Inner) {
         inner.stopped = true;
+        inner.pending_starts.clear();
         inner.loops.abort_all();
         for t in inner.tasks.drain(..) {
             t.abort();
@@ -440,10 +447,32 @@ impl Session {
         for msg in replay {
             tab.send(msg);
         }
-        if let Some(a) = action {
-            self.apply(&mut inner, a);
+        if let Some(a @ Action::Start { .. }) = action {
+            let Action::Start { project, .. } = &a;
+            // The latest start of a project supersedes the earlier ones (each aborted its predecessor).
+            inner.pending_starts.insert(project.clone(), a);
         }
         Ok(added)
+    }
+
+    /// Opens the upstream connections the last command asked for, once per project. A start that a later
+    /// unsubscribe or restart made stale is dropped.
+    pub fn flush_streams(self: &Arc<Self>) {
+        let mut inner = self.lock();
+        if inner.stopped {
+            inner.pending_starts.clear();
+            return;
+        }
+        for (_, a) in std::mem::take(&mut inner.pending_starts) {
+            let Action::Start {
+                project,
+                generation,
+                ..
+            } = &a;
+            if inner.subs.is_current(project, *generation) {
+                self.apply(&mut inner, a);
+            }
+        }
     }
 
     /// Subscribes `tab` to a publish-only channel. Holds the channel's buffer (before the session, as the lock

@@ -32,3 +32,40 @@ async fn dot_segment_project_ids_are_refused() {
         assert_eq!(gitlab.connections_total(p), 0, "{p}");
     }
 }
+
+/// `setSubscriptions` adding 100 types of a project costs one upstream connection, not one per type (each restart
+/// used to open a connection and abort the previous one).
+#[tokio::test]
+async fn one_command_adding_many_types_opens_one_connection() {
+    let kc = Keycloak::start().await;
+    let (gitlab, base) = support::gitlab(100).await;
+    let t = support::start(
+        support::config_with_gitlab(&kc, &base),
+        tabhub::commands::builtin(),
+    )
+    .await;
+    let mut c = Client::connect(&support::ws_url(&t), &kc.token("alice")).await;
+    c.send("subscribe", json!({"topic": "/project/3/push"}), None)
+        .await;
+    c.recv_type("subscribed").await;
+    support::eventually("the stream is open", || gitlab.open_streams("3") == 1).await;
+    let before = gitlab.connections_total("3");
+    let topics: Vec<String> = std::iter::once("/project/3/push".to_owned())
+        .chain((0..99).map(|i| format!("/project/3/type{i}")))
+        .collect();
+    c.send("setSubscriptions", json!({ "topics": topics }), None)
+        .await;
+    let r = c.recv_type("subscriptions").await;
+    assert_eq!(r["data"]["added"].as_array().map(Vec::len), Some(99), "{r}");
+    support::eventually("the new stream is open", || gitlab.open_streams("3") == 1).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        gitlab.connections_total("3") - before,
+        1,
+        "one reconnection for the whole command"
+    );
+    // And it carries every type: an event of the last one added arrives.
+    gitlab.emit("3", "type98", json!({}));
+    let e = c.recv_type("event").await;
+    assert_eq!(e["data"]["topic"], "/project/3/type98");
+}
