@@ -19,6 +19,10 @@ pub struct GitlabConfig {
     /// Reconnection backoff (full jitter) after a dropped stream, a network error or a 5xx.
     pub reconnect_initial_ms: u64,
     pub reconnect_max_ms: u64,
+    /// Least time between two (re)starts of one user's stream of a project asked by commands (new types, older
+    /// resume ids): a later one waits, with no connection meanwhile, then resumes from the last event received, so
+    /// nothing is lost, only delayed. Bounds the upstream requests a user's commands can cause.
+    pub min_restart_interval_ms: u64,
     /// Events kept per stream, so that a tab joining an open stream with a recent `lastEventId` gets what it
     /// missed without reconnecting upstream.
     pub replay_buffer_events: usize,
@@ -36,6 +40,7 @@ impl Default for GitlabConfig {
             connect_timeout_ms: 5_000,
             reconnect_initial_ms: 500,
             reconnect_max_ms: 30_000,
+            min_restart_interval_ms: 1_000,
             replay_buffer_events: 256,
             max_topics_per_tab: 100,
             max_projects_per_user: 20,

@@ -56,6 +56,10 @@ struct Inner {
     /// ([`Session::flush_streams`]), so that a `setSubscriptions` adding 99 types of a project opens one upstream
     /// connection, not 99.
     pending_starts: BTreeMap<String, Action>,
+    /// When each project's stream was last started, and the start waiting for `gitlab.min_restart_interval_ms`
+    /// (one per project: a later one supersedes it, and one timer serves it).
+    started_at: BTreeMap<String, Instant>,
+    delayed: BTreeMap<String, Action>,
 }
 
 /// Why a tab could not join.
@@ -135,6 +139,8 @@ impl Session {
                 tasks: Vec::new(),
                 subs: Subscriptions::default(),
                 pending_starts: BTreeMap::new(),
+                started_at: BTreeMap::new(),
+                delayed: BTreeMap::new(),
             }),
             token: TokenCell::default(),
             anonymous,
@@ -270,6 +276,7 @@ impl Session {
     fn stop_locked(&self, inner: &mut Inner) {
         inner.stopped = true;
         inner.pending_starts.clear();
+        inner.delayed.clear();
         inner.loops.abort_all();
         for t in inner.tasks.drain(..) {
             t.abort();
@@ -457,22 +464,63 @@ impl Session {
 
     /// Opens the upstream connections the last command asked for, once per project. A start that a later
     /// unsubscribe or restart made stale is dropped.
+    ///
+    /// A project's stream is started at most once per `gitlab.min_restart_interval_ms`: a later start waits (the
+    /// previous connection is already stopped, so the waiting one resumes from the last event received and nothing
+    /// is lost), one timer per project.
     pub fn flush_streams(self: &Arc<Self>) {
         let mut inner = self.lock();
         if inner.stopped {
             inner.pending_starts.clear();
             return;
         }
-        for (_, a) in std::mem::take(&mut inner.pending_starts) {
-            let Action::Start {
-                project,
-                generation,
-                ..
-            } = &a;
-            if inner.subs.is_current(project, *generation) {
-                self.apply(&mut inner, a);
+        let gap = Duration::from_millis(self.services.config.gitlab.min_restart_interval_ms);
+        let now = tokio::time::Instant::now().into_std();
+        // Only starts within the interval matter: the map stays as small as the projects restarted lately.
+        inner
+            .started_at
+            .retain(|_, at| now.saturating_duration_since(*at) < gap);
+        for (project, a) in std::mem::take(&mut inner.pending_starts) {
+            let Action::Start { generation, .. } = &a;
+            if !inner.subs.is_current(&project, *generation) {
+                continue;
+            }
+            let due = inner.started_at.get(&project).map(|at| *at + gap);
+            match due {
+                Some(due) if due > now => {
+                    if inner.delayed.insert(project.clone(), a).is_none() {
+                        let session = Arc::downgrade(self);
+                        tokio::spawn(async move {
+                            tokio::time::sleep_until(due.into()).await;
+                            if let Some(s) = session.upgrade() {
+                                s.start_delayed(&project);
+                            }
+                        });
+                    }
+                }
+                _ => {
+                    inner.delayed.remove(&project);
+                    inner.started_at.insert(project, now);
+                    self.apply(&mut inner, a);
+                }
             }
         }
+    }
+
+    /// The start that waited for its project's interval, if it is still the current one.
+    fn start_delayed(self: &Arc<Self>, project: &str) {
+        let mut inner = self.lock();
+        let Some(a) = inner.delayed.remove(project) else {
+            return;
+        };
+        let Action::Start { generation, .. } = &a;
+        if inner.stopped || !inner.subs.is_current(project, *generation) {
+            return;
+        }
+        inner
+            .started_at
+            .insert(project.to_owned(), tokio::time::Instant::now().into_std());
+        self.apply(&mut inner, a);
     }
 
     /// Subscribes `tab` to a publish-only channel. Holds the channel's buffer (before the session, as the lock
