@@ -2,17 +2,26 @@
 
 use serde_json::json;
 
+use std::sync::Arc;
+
 use crate::support::{self, Client, Keycloak};
+use tabhub_fixtures::gitlab::FixtureGitlab;
+
+/// tabhub in front of a fixture GitLab, with `tune` applied to its configuration.
+async fn start_with_gitlab(
+    tune: impl FnOnce(&mut tabhub::Config),
+) -> (Keycloak, Arc<FixtureGitlab>, tabhub::Running) {
+    let kc = Keycloak::start().await;
+    let (gitlab, base) = support::gitlab(100).await;
+    let mut c = support::config_with_gitlab(&kc, &base);
+    tune(&mut c);
+    let t = support::start(c, tabhub::commands::builtin()).await;
+    (kc, gitlab, t)
+}
 
 #[tokio::test]
 async fn dot_segment_project_ids_are_refused() {
-    let kc = Keycloak::start().await;
-    let (gitlab, base) = support::gitlab(100).await;
-    let t = support::start(
-        support::config_with_gitlab(&kc, &base),
-        tabhub::commands::builtin(),
-    )
-    .await;
+    let (kc, gitlab, t) = start_with_gitlab(|_| {}).await;
     let mut c = Client::connect(&support::ws_url(&t), &kc.token("alice")).await;
     for topic in [
         "/project/../push",
@@ -37,13 +46,7 @@ async fn dot_segment_project_ids_are_refused() {
 /// used to open a connection and abort the previous one).
 #[tokio::test]
 async fn one_command_adding_many_types_opens_one_connection() {
-    let kc = Keycloak::start().await;
-    let (gitlab, base) = support::gitlab(100).await;
-    let t = support::start(
-        support::config_with_gitlab(&kc, &base),
-        tabhub::commands::builtin(),
-    )
-    .await;
+    let (kc, gitlab, t) = start_with_gitlab(|_| {}).await;
     let mut c = Client::connect(&support::ws_url(&t), &kc.token("alice")).await;
     c.send("subscribe", json!({"topic": "/project/3/push"}), None)
         .await;
@@ -78,11 +81,7 @@ async fn one_command_adding_many_types_opens_one_connection() {
 /// `gitlab.min_restart_interval_ms`, and events of the types held still arrive, none lost.
 #[tokio::test]
 async fn churning_commands_restart_a_stream_at_most_once_per_interval() {
-    let kc = Keycloak::start().await;
-    let (gitlab, base) = support::gitlab(100).await;
-    let mut c = support::config_with_gitlab(&kc, &base);
-    c.gitlab.min_restart_interval_ms = 400;
-    let t = support::start(c, tabhub::commands::builtin()).await;
+    let (kc, gitlab, t) = start_with_gitlab(|c| c.gitlab.min_restart_interval_ms = 400).await;
     let url = support::ws_url(&t);
     let (mut a, mut b) = (
         Client::connect(&url, &kc.token("alice")).await,
