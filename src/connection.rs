@@ -219,8 +219,12 @@ where
                 tokio::select! {
                     biased;
                     _ = tab.closed() => return,
-                    _ = handle_text(app, session, tab, text.as_str(), command_timeout) => {}
+                    _ = session.turns().run(handle_text(app, session, tab, text.as_str(), command_timeout)) => {}
                 }
+                // One command per turn: frames already buffered are ready at once, so without this a tab that
+                // sent its whole burst (40 commands of a hundred topics, say) would run them all before any
+                // other tab's ping, and twenty such tabs held every other user for a tenth of a second.
+                tokio::task::yield_now().await;
             }
             Message::Binary(_) => send_error(
                 tab,

@@ -2,12 +2,13 @@
 //! message and of the user's session. Loop functions see the session itself (it implements
 //! [`LoopContext`](tabhub_commands::LoopContext)).
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
 use tabhub_commands::{
     BackendError, BackendResponse, BoxFuture, CommandError, Context, LoopContext, LoopFunction,
-    Notification, SessionData, Topic, User,
+    Notification, SessionData, SetOutcome, Topic, User,
 };
 
 use crate::clock::now_unix;
@@ -131,9 +132,7 @@ impl Context for TabContext<'_> {
                 .map_err(|e| refused(e.to_string()));
         }
         if services.config.gitlab.url.is_empty() {
-            return Err(refused(
-                "subscriptions are not configured on this server (gitlab.url)".into(),
-            ));
+            return Err(refused(NO_GITLAB.into()));
         }
         self.session
             .subscribe(self.tab, topic, last_event_id, reply)
@@ -147,4 +146,39 @@ impl Context for TabContext<'_> {
     fn subscriptions(&self) -> Vec<Topic> {
         self.session.topics_of(self.tab)
     }
+
+    fn set_subscriptions(&self, wanted: &BTreeSet<Topic>) -> SetOutcome {
+        let projects = !self.services().config.gitlab.url.is_empty();
+        let changes = self.session.set_topics(self.tab, wanted, projects);
+        let refused =
+            |t: &Topic, why: &dyn std::fmt::Display| CommandError::failed(format!("{t}: {why}"));
+        let mut failed: Vec<(Topic, CommandError)> = changes
+            .refused
+            .into_iter()
+            .map(|(t, e)| {
+                let e = refused(&t, &e);
+                (t, e)
+            })
+            .chain(changes.unavailable.into_iter().map(|t| {
+                let e = refused(&t, &NO_GITLAB);
+                (t, e)
+            }))
+            .collect();
+        let mut added = changes.added;
+        for t in changes.channels {
+            match self.subscribe(&t, None, None) {
+                Ok(true) => added.push(t),
+                Ok(false) => {}
+                Err(e) => failed.push((t, e)),
+            }
+        }
+        SetOutcome {
+            removed: changes.removed,
+            added,
+            failed,
+        }
+    }
 }
+
+/// Why a project topic is refused on a server without GitLab.
+const NO_GITLAB: &str = "subscriptions are not configured on this server (gitlab.url)";

@@ -29,11 +29,11 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 /// Something the session must do on the network.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// (Re)open the project's stream with `filter`, sending `Last-Event-ID: from`. Any previous connection of the
-    /// project must be stopped; events from older generations are ignored.
+    /// (Re)open the project's stream with its current filter ([`Subscriptions::filter`], read when the start is
+    /// carried out: a command's hundred restarts copy no type list), sending `Last-Event-ID: from`. Any previous
+    /// connection of the project must be stopped; events from older generations are ignored.
     Start {
         project: String,
-        filter: BTreeSet<String>,
         from: Option<String>,
         generation: u64,
     },
@@ -67,6 +67,8 @@ struct CatchUp {
 /// One project's upstream stream.
 pub struct Stream {
     filter: BTreeSet<String>,
+    /// Types of the filter that no tab holds any more: the next start with a holder drops them.
+    stale: BTreeSet<String>,
     generation: u64,
     /// The last event id received on the stream: where a reconnection resumes.
     resume_id: Option<String>,
@@ -93,9 +95,16 @@ pub struct Limits {
     pub buffer: usize,
 }
 
+/// Every question asked per command (is a topic held, which types of a project are held, how many channels) is
+/// answered from counts kept with `by_tab`, never by scanning every tab's topics: one user's `setSubscriptions` of
+/// a hundred topics from many tabs would otherwise cost tabs x topics per topic, under the session's lock.
 #[derive(Default)]
 pub struct Subscriptions {
     by_tab: HashMap<u64, BTreeSet<Topic>>,
+    /// Per project, per event type: how many tabs hold the topic.
+    types: HashMap<String, HashMap<String, usize>>,
+    /// Per publish channel: how many tabs hold it.
+    channels: HashMap<String, usize>,
     streams: BTreeMap<String, Stream>,
     next_generation: u64,
 }
@@ -152,33 +161,99 @@ impl Subscriptions {
         out
     }
 
-    fn wanted_types(&self, project: &str) -> BTreeSet<String> {
-        self.by_tab
-            .values()
-            .flat_map(|ts| ts.iter())
-            .filter_map(|t| match t {
-                Topic::Project {
-                    project: p,
-                    event_type,
-                } if p == project => Some(event_type.clone()),
-                _ => None,
-            })
-            .collect()
+    /// The event types `project`'s stream asks GitLab for since its last start.
+    pub fn filter(&self, project: &str) -> Option<&BTreeSet<String>> {
+        self.streams.get(project).map(|s| &s.filter)
     }
 
-    fn start(&mut self, project: &str, from: Option<String>) -> Action {
+    /// Records that `tab` holds `topic`. Returns false when it already did.
+    fn hold(&mut self, tab: u64, topic: &Topic) -> bool {
+        if !self.by_tab.entry(tab).or_default().insert(topic.clone()) {
+            return false;
+        }
+        match topic {
+            Topic::Project {
+                project,
+                event_type,
+            } => {
+                *self
+                    .types
+                    .entry(project.clone())
+                    .or_default()
+                    .entry(event_type.clone())
+                    .or_default() += 1;
+            }
+            Topic::Channel(c) => *self.channels.entry(c.clone()).or_default() += 1,
+        }
+        true
+    }
+
+    /// Counts down a hold already removed from `by_tab`. A type nobody holds any more becomes stale in its
+    /// stream's filter (dropped at the next start).
+    fn let_go(&mut self, topic: &Topic) {
+        fn down<K: std::hash::Hash + Eq + std::borrow::Borrow<str>>(
+            counts: &mut HashMap<K, usize>,
+            key: &str,
+        ) -> bool {
+            let Some(n) = counts.get_mut(key) else {
+                return false;
+            };
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(key);
+                return true;
+            }
+            false
+        }
+        match topic {
+            Topic::Project {
+                project,
+                event_type,
+            } => {
+                let Some(types) = self.types.get_mut(project) else {
+                    return;
+                };
+                if down(types, event_type) {
+                    if types.is_empty() {
+                        self.types.remove(project);
+                    }
+                    if let Some(s) = self.streams.get_mut(project) {
+                        if s.filter.contains(event_type) {
+                            s.stale.insert(event_type.clone());
+                        }
+                    }
+                }
+            }
+            Topic::Channel(c) => {
+                down(&mut self.channels, c);
+            }
+        }
+    }
+
+    /// A new generation of `project`'s stream, with `added` (a type a tab just asked for) in its filter.
+    fn start(&mut self, project: &str, from: Option<String>, added: Option<&str>) -> Action {
         self.next_generation += 1;
         let generation = self.next_generation;
-        let wanted = self.wanted_types(project);
+        let held = self.types.get(project);
         let s = self
             .streams
             .get_mut(project)
             .expect("start is called for an existing stream");
-        // The union of what the tabs hold now: types let go since the last start are dropped, so a user cycling
-        // through type names cannot grow it (an empty set would ask GitLab for every type: a stream kept after its
-        // last tab keeps its filter).
-        if !wanted.is_empty() {
-            s.filter = wanted;
+        // The union of what the tabs hold now: every held type is in the filter (a new one comes with its start),
+        // and types let go since the last start are dropped, so a user cycling through type names cannot grow it.
+        // With nobody holding anything (a stream kept after its last tab), the filter stays: an empty one would
+        // ask GitLab for every type.
+        if let Some(held) = held {
+            for t in std::mem::take(&mut s.stale) {
+                if !held.contains_key(&t) {
+                    s.filter.remove(&t);
+                }
+            }
+        }
+        if let Some(t) = added {
+            if !s.filter.contains(t) {
+                s.filter.insert(t.to_owned());
+            }
         }
         s.generation = generation;
         s.resume_id = from.clone();
@@ -187,7 +262,6 @@ impl Subscriptions {
         }
         Action::Start {
             project: project.to_owned(),
-            filter: s.filter.clone(),
             from,
             generation,
         }
@@ -215,10 +289,10 @@ impl Subscriptions {
         } = topic
         else {
             // A channel: no upstream; its replay buffer lives with the publish API.
-            if !self.holds(topic) && self.channels_held() >= limits.channels_per_user {
+            if !self.holds(topic) && self.channels.len() >= limits.channels_per_user {
                 return Err(SubscribeError::TooManyChannels(limits.channels_per_user));
             }
-            self.by_tab.entry(tab).or_default().insert(topic.clone());
+            self.hold(tab, topic);
             return Ok((true, Vec::new(), None));
         };
         if !self.streams.contains_key(project) && self.streams.len() >= limits.projects_per_user {
@@ -236,7 +310,7 @@ impl Subscriptions {
                 return Err(SubscribeError::TooManyProjects(limits.projects_per_user));
             }
         }
-        self.by_tab.entry(tab).or_default().insert(topic.clone());
+        self.hold(tab, topic);
         let last = last_event_id.filter(|s| !s.is_empty()).map(str::to_owned);
 
         let Some(stream) = self.streams.get_mut(project) else {
@@ -244,6 +318,7 @@ impl Subscriptions {
                 project.clone(),
                 Stream {
                     filter: BTreeSet::new(),
+                    stale: BTreeSet::new(),
                     generation: 0,
                     resume_id: None,
                     delivered_id: None,
@@ -254,7 +329,11 @@ impl Subscriptions {
                     unused_since: None,
                 },
             );
-            return Ok((true, Vec::new(), Some(self.start(project, last))));
+            return Ok((
+                true,
+                Vec::new(),
+                Some(self.start(project, last, Some(event_type))),
+            ));
         };
 
         stream.unused_since = None;
@@ -283,7 +362,11 @@ impl Subscriptions {
             // A new type, from now on: reopen with the union from the last event received.
             (None, false, _) => {
                 let from = stream.resume_id.clone();
-                Ok((true, Vec::new(), Some(self.start(project, from))))
+                Ok((
+                    true,
+                    Vec::new(),
+                    Some(self.start(project, from, Some(event_type))),
+                ))
             }
             // An id older than the buffer, or a type the stream did not carry: reopen from that id and catch up.
             (Some(id), _, _) => {
@@ -313,7 +396,11 @@ impl Subscriptions {
                         Some(id)
                     }
                 };
-                Ok((true, Vec::new(), Some(self.start(project, from))))
+                Ok((
+                    true,
+                    Vec::new(),
+                    Some(self.start(project, from, Some(event_type))),
+                ))
             }
         }
     }
@@ -327,6 +414,7 @@ impl Subscriptions {
         if !removed {
             return (false, false);
         }
+        self.let_go(topic);
         match topic.project_id() {
             Some(p) => (true, self.stop_if_unused(p)),
             None => (true, false),
@@ -340,6 +428,9 @@ impl Subscriptions {
         let Some(topics) = self.by_tab.remove(&tab) else {
             return (Vec::new(), Vec::new());
         };
+        for t in &topics {
+            self.let_go(t);
+        }
         let projects: BTreeSet<String> = topics
             .iter()
             .filter_map(|t| t.project_id().map(str::to_owned))
@@ -376,25 +467,21 @@ impl Subscriptions {
     }
 
     fn is_used(&self, project: &str) -> bool {
-        self.by_tab
-            .values()
-            .any(|ts| ts.iter().any(|t| t.project_id() == Some(project)))
+        self.types.contains_key(project)
     }
 
     /// Whether any tab holds `topic`.
-    /// Distinct channels the user's tabs hold.
-    fn channels_held(&self) -> usize {
-        let channels: BTreeSet<&Topic> = self
-            .by_tab
-            .values()
-            .flatten()
-            .filter(|t| matches!(t, Topic::Channel(_)))
-            .collect();
-        channels.len()
-    }
-
     pub fn holds(&self, topic: &Topic) -> bool {
-        self.by_tab.values().any(|ts| ts.contains(topic))
+        match topic {
+            Topic::Project {
+                project,
+                event_type,
+            } => self
+                .types
+                .get(project)
+                .is_some_and(|t| t.contains_key(event_type)),
+            Topic::Channel(c) => self.channels.contains_key(c),
+        }
     }
 
     /// The tabs holding `topic`.
@@ -414,6 +501,7 @@ impl Subscriptions {
                 t.remove(topic);
             }
         }
+        self.types.remove(project);
         self.by_tab.retain(|_, t| !t.is_empty());
         if let Some(mut s) = self.streams.remove(project) {
             if let Some(t) = s.task.take() {
@@ -445,6 +533,8 @@ impl Subscriptions {
             }
         }
         self.by_tab.clear();
+        self.types.clear();
+        self.channels.clear();
     }
 
     /// Reopens every stream from its resume point (after a token refresh: new bearer, nothing lost).
@@ -454,7 +544,7 @@ impl Subscriptions {
             .into_iter()
             .map(|p| {
                 let from = self.resume_id(&p);
-                self.start(&p, from)
+                self.start(&p, from, None)
             })
             .collect()
     }
@@ -540,6 +630,12 @@ mod tests {
         Topic::parse(s).unwrap()
     }
 
+    fn filter_of(s: &Subscriptions) -> Vec<&str> {
+        s.filter("1")
+            .map(|f| f.iter().map(String::as_str).collect())
+            .unwrap_or_default()
+    }
+
     fn gen_of(a: &Option<Action>) -> u64 {
         match a {
             Some(Action::Start { generation, .. }) => *generation,
@@ -594,15 +690,10 @@ mod tests {
             .unwrap()
             .2;
         match &a {
-            Some(Action::Start { filter, from, .. }) => {
-                assert_eq!(
-                    filter.iter().map(String::as_str).collect::<Vec<_>>(),
-                    ["issue", "push"]
-                );
-                assert_eq!(from.as_deref(), Some("7"));
-            }
+            Some(Action::Start { from, .. }) => assert_eq!(from.as_deref(), Some("7")),
             other => panic!("{other:?}"),
         }
+        assert_eq!(filter_of(&s), ["issue", "push"]);
         let g2 = gen_of(&a);
         assert!(
             event(&mut s, g1, "8", "push").is_empty(),
@@ -628,13 +719,79 @@ mod tests {
             .subscribe(1, &t("/project/1/pipeline"), None, LIMITS)
             .unwrap()
             .2;
-        match &a {
-            Some(Action::Start { filter, .. }) => assert_eq!(
-                filter.iter().map(String::as_str).collect::<Vec<_>>(),
-                ["pipeline", "push"]
-            ),
-            other => panic!("{other:?}"),
+        gen_of(&a);
+        assert_eq!(filter_of(&s), ["pipeline", "push"]);
+    }
+
+    /// The filter is kept by counts, not rebuilt from every tab's topics: a type let go and taken again before
+    /// the next start stays, one held by another tab stays, and a stream nobody holds keeps its filter until a
+    /// tab asks again.
+    #[test]
+    fn the_filter_follows_the_counts() {
+        let mut s = Subscriptions::default();
+        let limits = Limits {
+            topics_per_tab: 10,
+            ..LIMITS
+        };
+        for ty in ["push", "issue", "note"] {
+            s.subscribe(1, &t(&format!("/project/1/{ty}")), None, limits)
+                .unwrap();
         }
+        s.subscribe(2, &t("/project/1/issue"), None, limits)
+            .unwrap();
+        s.unsubscribe(1, &t("/project/1/issue")); // tab 2 still holds it
+        s.unsubscribe(1, &t("/project/1/note"));
+        s.subscribe(1, &t("/project/1/note"), None, limits).unwrap(); // taken again: carried, no start
+        s.unsubscribe(1, &t("/project/1/push"));
+        assert_eq!(
+            filter_of(&s),
+            ["issue", "note", "push"],
+            "dropped only at a start"
+        );
+        assert!(s.holds(&t("/project/1/issue")) && !s.holds(&t("/project/1/push")));
+        gen_of(
+            &s.subscribe(2, &t("/project/1/wiki"), None, limits)
+                .unwrap()
+                .2,
+        );
+        assert_eq!(filter_of(&s), ["issue", "note", "wiki"]);
+        // The last tab closes: the stream is kept with its filter; the next tab's type replaces it.
+        s.release_tab(1, Instant::now());
+        s.release_tab(2, Instant::now());
+        assert!(!s.holds(&t("/project/1/wiki")));
+        assert_eq!(filter_of(&s), ["issue", "note", "wiki"]);
+        assert_eq!(s.restart_all().len(), 1);
+        assert_eq!(
+            filter_of(&s),
+            ["issue", "note", "wiki"],
+            "nobody holds: kept"
+        );
+        gen_of(
+            &s.subscribe(3, &t("/project/1/job"), None, limits)
+                .unwrap()
+                .2,
+        );
+        assert_eq!(filter_of(&s), ["job"]);
+    }
+
+    /// Channels are counted once whatever the number of tabs holding them, and freed with the last holder.
+    #[test]
+    fn channels_are_counted_by_holders() {
+        let mut s = Subscriptions::default();
+        let a = t("/events/a");
+        let b = t("/events/b");
+        s.subscribe(1, &a, None, LIMITS).unwrap();
+        s.subscribe(2, &a, None, LIMITS).unwrap();
+        s.subscribe(2, &b, None, LIMITS).unwrap();
+        assert_eq!(
+            s.subscribe(3, &t("/events/c"), None, LIMITS),
+            Err(SubscribeError::TooManyChannels(2))
+        );
+        s.unsubscribe(1, &a);
+        assert!(s.holds(&a), "tab 2 still holds it");
+        s.release_tab(2, Instant::now());
+        assert!(!s.holds(&a) && !s.holds(&b));
+        s.subscribe(3, &t("/events/c"), None, LIMITS).unwrap();
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! What a handler may do: the [`Context`] the engine implements for the tab that sent a message.
 
+use std::collections::BTreeSet;
+
 use serde_json::Value;
 
 use crate::error::CommandError;
@@ -46,4 +48,34 @@ pub trait Context: LoopContext {
     fn unsubscribe(&self, topic: &Topic) -> bool;
     /// The topics this tab holds.
     fn subscriptions(&self) -> Vec<Topic>;
+
+    /// Replaces this tab's topics with `wanted`: releases those not wanted, then subscribes the new ones (from now
+    /// on). The engine does it under its lock once, not once per topic: a hundred topics from many tabs of one user
+    /// would otherwise keep the server's threads waiting on each other, and every other user with them.
+    fn set_subscriptions(&self, wanted: &BTreeSet<Topic>) -> SetOutcome {
+        let current: BTreeSet<Topic> = self.subscriptions().into_iter().collect();
+        let mut out = SetOutcome::default();
+        for t in current.difference(wanted) {
+            if self.unsubscribe(t) {
+                out.removed.push(t.clone());
+            }
+        }
+        for t in wanted.difference(&current) {
+            match self.subscribe(t, None, None) {
+                Ok(true) => out.added.push(t.clone()),
+                Ok(false) => {}
+                Err(e) => out.failed.push((t.clone(), e)),
+            }
+        }
+        out
+    }
+}
+
+/// What [`Context::set_subscriptions`] changed.
+#[derive(Debug, Default)]
+pub struct SetOutcome {
+    pub removed: Vec<Topic>,
+    pub added: Vec<Topic>,
+    /// The topics that could not be added (a limit, say), each with why.
+    pub failed: Vec<(Topic, CommandError)>,
 }

@@ -35,7 +35,7 @@ pub mod settings;
 pub mod topic;
 
 pub use command::{Command, NoParams};
-pub use context::Context;
+pub use context::{Context, SetOutcome};
 pub use error::CommandError;
 pub use future::BoxFuture;
 pub use loop_context::{BackendError, BackendResponse, LoopContext, Notification, User};

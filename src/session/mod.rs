@@ -12,8 +12,9 @@
 pub(crate) mod loops;
 pub(crate) mod streams;
 pub(crate) mod token;
+pub(crate) mod turns;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -71,6 +72,19 @@ pub enum AttachError {
     TooManyTabs,
 }
 
+/// What [`Session::set_topics`] changed, and what is left to the caller.
+#[derive(Debug, Default)]
+pub struct TopicChanges {
+    pub removed: Vec<Topic>,
+    pub added: Vec<Topic>,
+    /// Project topics refused by a limit.
+    pub refused: Vec<(Topic, SubscribeError)>,
+    /// Project topics asked on a server without GitLab.
+    pub unavailable: Vec<Topic>,
+    /// New publish channels, to subscribe one by one (each with its buffer).
+    pub channels: Vec<Topic>,
+}
+
 /// A reply to queue to the subscribing tab atomically with the subscription: `data` gets `added`.
 pub struct SubscribeReply<'a> {
     pub note: Notification,
@@ -122,6 +136,8 @@ pub struct Session {
     token: TokenCell,
     /// An anonymous visitor's session: never holds a token (see [`Verified::anonymous`]).
     anonymous: bool,
+    /// The user's commands run one at a time (see [`turns`]).
+    turns: turns::Turns,
 }
 
 impl Session {
@@ -131,6 +147,7 @@ impl Session {
             user,
             services,
             data: SessionData::default(),
+            turns: turns::Turns::default(),
             inner: Mutex::new(Inner {
                 tabs: Vec::new(),
                 generation: 0,
@@ -160,6 +177,11 @@ impl Session {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The user's turn: every command of every tab runs in it.
+    pub fn turns(&self) -> &turns::Turns {
+        &self.turns
     }
 
     pub fn services(&self) -> &Arc<Services> {
@@ -447,6 +469,17 @@ impl Session {
         if inner.stopped {
             return Ok(false);
         }
+        Self::subscribe_locked(&mut inner, tab, topic, last_event_id, reply, limits)
+    }
+
+    fn subscribe_locked(
+        inner: &mut Inner,
+        tab: &Tab,
+        topic: &Topic,
+        last_event_id: Option<&str>,
+        reply: Option<SubscribeReply<'_>>,
+        limits: Limits,
+    ) -> Result<bool, SubscribeError> {
         let (added, replay, action) = inner.subs.subscribe(tab.id, topic, last_event_id, limits)?;
         if let Some(r) = reply {
             tab.send(r.encode(added, false));
@@ -460,6 +493,39 @@ impl Session {
             inner.pending_starts.insert(project.clone(), a);
         }
         Ok(added)
+    }
+
+    /// Replaces `tab`'s topics with `wanted` under one lock (per topic, a user's hundred-topic commands from many
+    /// tabs kept the runtime's threads waiting on this lock, and every other user's tabs behind them). Releases the
+    /// topics not wanted, subscribes the new project topics (when `projects` is true: the server has a GitLab),
+    /// and returns the new channels for [`Session::subscribe_channel`], which takes each channel's buffer first.
+    pub fn set_topics(&self, tab: &Tab, wanted: &BTreeSet<Topic>, projects: bool) -> TopicChanges {
+        let limits = self.sub_limits();
+        let mut inner = self.lock();
+        let mut out = TopicChanges::default();
+        if inner.stopped {
+            return out;
+        }
+        let current: BTreeSet<Topic> = inner.subs.topics_of(tab.id).into_iter().collect();
+        for t in current.difference(wanted) {
+            if self.unsubscribe_locked(&mut inner, tab, t) {
+                out.removed.push(t.clone());
+            }
+        }
+        for t in wanted.difference(&current) {
+            if matches!(t, Topic::Channel(_)) {
+                out.channels.push(t.clone());
+            } else if !projects {
+                out.unavailable.push(t.clone());
+            } else {
+                match Self::subscribe_locked(&mut inner, tab, t, None, None, limits) {
+                    Ok(true) => out.added.push(t.clone()),
+                    Ok(false) => {}
+                    Err(e) => out.refused.push((t.clone(), e)),
+                }
+            }
+        }
+        out
     }
 
     /// Opens the upstream connections the last command asked for, once per project. A start that a later
@@ -560,6 +626,10 @@ impl Session {
     /// Releases `tab`'s hold on `topic`; the last release closes the project's stream.
     pub fn unsubscribe(&self, tab: &Tab, topic: &Topic) -> bool {
         let mut inner = self.lock();
+        self.unsubscribe_locked(&mut inner, tab, topic)
+    }
+
+    fn unsubscribe_locked(&self, inner: &mut Inner, tab: &Tab, topic: &Topic) -> bool {
         let removed = inner.subs.unsubscribe(tab.id, topic).0;
         if removed && matches!(topic, Topic::Channel(_)) && !inner.subs.holds(topic) {
             self.services
@@ -585,10 +655,11 @@ impl Session {
     fn apply(self: &Arc<Self>, inner: &mut Inner, action: Action) {
         let Action::Start {
             project,
-            filter,
             generation,
             ..
         } = action;
+        // The filter of the project's latest start: only a start changes it, and only the current one gets here.
+        let filter = inner.subs.filter(&project).cloned().unwrap_or_default();
         let span = tracing::info_span!(parent: &self.span, "upstream", project = %project);
         let sink: Arc<dyn StreamSink> = self.clone();
         let task = tokio::spawn(

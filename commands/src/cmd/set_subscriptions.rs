@@ -41,22 +41,15 @@ impl Command for SetSubscriptions {
         if !bad.is_empty() {
             return Err(CommandError::BadParams(bad.join("; ")));
         }
-        let current: BTreeSet<Topic> = ctx.subscriptions().into_iter().collect();
-        let mut removed = Vec::new();
-        for t in current.difference(&wanted) {
-            if ctx.unsubscribe(t) {
-                removed.push(t.to_string());
-            }
-        }
-        let mut added = Vec::new();
-        let mut failed = Vec::new();
-        for t in wanted.difference(&current) {
-            match ctx.subscribe(t, None, None) {
-                Ok(true) => added.push(t.to_string()),
-                Ok(false) => {}
-                Err(e) => failed.push(json!({"topic": t.to_string(), "message": e.message()})),
-            }
-        }
+        let out = ctx.set_subscriptions(&wanted);
+        let names = |ts: &[Topic]| ts.iter().map(Topic::to_string).collect::<Vec<_>>();
+        let removed = names(&out.removed);
+        let added = names(&out.added);
+        let failed: Vec<_> = out
+            .failed
+            .iter()
+            .map(|(t, e)| json!({"topic": t.to_string(), "message": e.message()}))
+            .collect();
         let topics: Vec<String> = ctx.subscriptions().iter().map(Topic::to_string).collect();
         ctx.reply(
             "subscriptions",
