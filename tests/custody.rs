@@ -546,6 +546,74 @@ async fn introspection_sees_revocation_at_the_handshake_and_is_cached() {
         .contains("revoked"));
 }
 
+/// An introspection endpoint that fails (here a 400, as providers answer for JWT access tokens they do not store)
+/// must not let revoked tokens in: the token is refused for now (1013, `retry: true`), logged and counted, unless
+/// `custody.introspection_fail_open`; a failure is not cached, so the token opens once the endpoint answers again.
+#[tokio::test]
+async fn introspection_fails_closed_unless_configured_to_fail_open() {
+    let kc = Keycloak::start().await;
+    for fail_open in [false, true] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let mut c = support::config(&kc);
+        c.auth.client_ids.push(TABHUB_CLIENT.into());
+        c.custody.enabled = true;
+        c.custody.client_id = TABHUB_CLIENT.into();
+        c.custody.client_secret = TABHUB_SECRET.into();
+        c.custody.redirect_uri = format!("{base}/auth/callback");
+        c.custody.introspection = true;
+        c.custody.introspection_cache_ms = 60_000;
+        c.custody.introspection_fail_open = fail_open;
+        let t = tabhub::start(
+            listener,
+            c,
+            tabhub::commands::builtin(),
+            axum::Router::new(),
+        )
+        .await
+        .unwrap();
+        support::eventually("ready", || t.app().realm.is_ready()).await;
+        let url = support::ws_url(&t);
+        let metrics = &t.app().metrics.introspections;
+        let token = kc.token("alice");
+        for status in [400, 503] {
+            kc.realm().fail_introspection_with(Some(status));
+            let mut tab = Client::connect_with(&url, Cred::Header(&token), None)
+                .await
+                .unwrap();
+            let first = tab.recv().await;
+            if fail_open {
+                assert_eq!(first["type"], "init", "fail open, status {status}: {first}");
+            } else {
+                assert_eq!(first["type"], "error", "status {status}: {first}");
+                assert_eq!(first["data"]["retry"], true, "{first}");
+                let (code, _) = tab.closed().await;
+                assert_eq!(code, Some(1013), "status {status}");
+            }
+        }
+        let (counted, other) = if fail_open {
+            ("error_fail_open", "error")
+        } else {
+            ("error", "error_fail_open")
+        };
+        assert_eq!(metrics.get(&[counted]), 2.0);
+        assert_eq!(metrics.get(&[other]), 0.0);
+        // Failures were not cached: the endpoint answers again, the token is active.
+        kc.realm().fail_introspection_with(None);
+        Client::connect(&url, &token).await;
+        assert_eq!(metrics.get(&["active"]), 1.0);
+        // `active: false` is revoked, whatever fail_open says.
+        let revoked = kc.token("bob");
+        kc.realm().end_sessions_of("bob");
+        let mut tab = Client::connect_with(&url, Cred::Header(&revoked), None)
+            .await
+            .unwrap();
+        let (code, _) = tab.closed().await;
+        assert_eq!(code, Some(4002));
+        assert_eq!(metrics.get(&["inactive"]), 1.0);
+    }
+}
+
 #[tokio::test]
 async fn an_unreachable_keycloak_is_retried_until_the_token_really_expires() {
     let s = setup(Duration::from_secs(12)).await;
