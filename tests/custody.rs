@@ -438,6 +438,89 @@ async fn backchannel_logout_closes_the_named_login_and_refuses_replays_and_forge
     );
 }
 
+/// Captures what tabhub logs in this (current-thread) test, to check what it says and what it never says.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// A provider whose access tokens carry no `sid` (RFC 9068's, Keycloak's lightweight ones) still ends the login it
+/// names: the ID token's `sid`, kept at the callback, is what a logout token is matched on. A logout token that
+/// matches nothing is answered 200 and logged (without the token or the session id).
+#[tokio::test]
+async fn backchannel_logout_matches_the_id_tokens_sid_when_access_tokens_have_none() {
+    let logs = Logs::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer({
+            let logs = logs.clone();
+            move || logs.clone()
+        })
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let s = setup(Duration::from_secs(300)).await;
+    s.kc.realm().omit_sid_from_access_tokens(true);
+    let c1 = s.login("/").await;
+    let kc_sid = s.kc.realm().kc_session_of("alice").unwrap();
+    let c2 = s.login("/").await;
+    let (mut a1, mut a2) = (s.tab(&c1).await, s.tab(&c2).await);
+    let url = format!("{}/auth/backchannel-logout", s.base);
+
+    let unknown = s.kc.realm().logout_token(
+        TABHUB_CLIENT,
+        Some("no-such-session"),
+        Some(&sub_of("alice")),
+    );
+    assert_eq!(
+        s.kc.realm().send_backchannel_logout(&url, &unknown).await,
+        200
+    );
+    support::eventually("the unmatched logout token is logged", || {
+        logs.text().contains("back-channel logout matched no login")
+    })
+    .await;
+    a1.send("ping", json!({}), Some(json!(1))).await;
+    assert_eq!(a1.recv().await["id"], 1, "nothing was closed");
+
+    let token =
+        s.kc.realm()
+            .logout_token(TABHUB_CLIENT, Some(&kc_sid), Some(&sub_of("alice")));
+    assert_eq!(
+        s.kc.realm().send_backchannel_logout(&url, &token).await,
+        200
+    );
+    let (code, msgs) = a1.closed().await;
+    assert_eq!(
+        code,
+        Some(4003),
+        "logged out, not left to a failed refresh: {msgs:?}"
+    );
+    a2.send("ping", json!({}), Some(json!(2))).await;
+    assert_eq!(a2.recv().await["id"], 2, "the other login stays");
+    let text = logs.text();
+    for secret in [&unknown, &token, &kc_sid] {
+        assert!(
+            !text.contains(secret.as_str()),
+            "a token or session id in the logs"
+        );
+    }
+}
+
 #[tokio::test]
 async fn cookie_handshakes_need_an_allowed_origin() {
     let s = setup(Duration::from_secs(300)).await;

@@ -108,17 +108,27 @@ fn new_login_id() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-/// The `exp` of a JWT, read without verification: only to know how long to keep a refresh token (Keycloak's are
-/// JWTs signed with a realm secret we do not have).
-fn unverified_exp(jwt: &str) -> Option<u64> {
+/// The claims of a JWT, read without verification: callers either verified it already (the ID token, by
+/// openidconnect) or only need a hint (the refresh token's lifetime: Keycloak's are JWTs signed with a realm secret
+/// we do not have; other providers' are opaque, and give `None`).
+fn unverified_claims(jwt: &str) -> Option<Value> {
     let payload = jwt.split('.').nth(1)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload.trim_end_matches('='))
         .ok()?;
-    serde_json::from_slice::<Value>(&bytes)
-        .ok()?
-        .get("exp")?
-        .as_u64()
+    serde_json::from_slice::<Value>(&bytes).ok()
+}
+
+fn unverified_exp(jwt: &str) -> Option<u64> {
+    unverified_claims(jwt)?.get("exp")?.as_u64()
+}
+
+/// The `sid` of an ID token openidconnect verified (its claims type does not carry `sid`).
+fn id_token_sid(id_token: &str) -> Option<String> {
+    unverified_claims(id_token)?
+        .get("sid")?
+        .as_str()
+        .map(str::to_owned)
 }
 
 impl Custody {
@@ -354,8 +364,15 @@ impl Custody {
             .unwrap_or(Duration::from_millis(
                 self.config.default_refresh_lifetime_ms,
             ));
+        // The provider's session id, for back-channel logout: an access token need not carry it (RFC 9068's do
+        // not), the ID token does when the provider supports back-channel logout with sessions.
+        let kc_sid = id_token
+            .as_deref()
+            .and_then(id_token_sid)
+            .or_else(|| verified.sid.clone())
+            .or_else(|| previous.and_then(|p| p.kc_sid.clone()));
         Ok(StoredLogin {
-            kc_sid: verified.sid.clone(),
+            kc_sid,
             user: verified.user,
             access_exp: verified.exp,
             access_token: verified.token,
@@ -630,7 +647,18 @@ impl Custody {
                 dropped.push((login_id, s));
             }
         }
-        tracing::info!(logins = dropped.len(), "back-channel logout");
+        if dropped.is_empty() {
+            // Not an error for the provider (the login may have ended here first), but a logout token that matches
+            // nothing may also be a login tabhub cannot match (no sid kept): worth seeing. Never the token, nor
+            // the session id.
+            tracing::warn!(
+                by_sid = claims.sid.is_some(),
+                user = claims.sub.as_deref().unwrap_or(""),
+                "back-channel logout matched no login"
+            );
+        } else {
+            tracing::info!(logins = dropped.len(), "back-channel logout");
+        }
         Ok(dropped)
     }
 }
