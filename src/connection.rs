@@ -139,7 +139,7 @@ fn refuse(tab: &Tab, e: &AuthError) {
             json!({"message": message, "invalidToken": true}),
             close_codes::INVALID_TOKEN,
         ),
-        AuthError::Unavailable => (
+        AuthError::Unavailable | AuthError::Retry(_) => (
             json!({"message": message, "retry": true}),
             close_codes::TRY_AGAIN_LATER,
         ),

@@ -162,6 +162,7 @@ pub async fn upgrade(
         Err(AuthError::Revoked) => "revoked",
         Err(AuthError::Invalid(_)) => "invalid_token",
         Err(AuthError::Unavailable) => "unavailable",
+        Err(AuthError::Retry(_)) => "retry",
     }]);
 
     let offers_subprotocol =

@@ -110,6 +110,10 @@ pub struct Metrics {
     /// kernel's socket buffers; both are a peer that does not read.
     pub slow_consumers: Family,
     pub token_refreshes: Family,
+    /// Introspections (`custody.introspection`) by result: `active`, `inactive` (revoked), `error` (refused:
+    /// fail closed) or `error_fail_open` (let in by `custody.introspection_fail_open`). Answers from the cache are
+    /// not counted.
+    pub introspections: Family,
     /// 1 while the Redis broker listens, 0 while it reconnects. Shown only with the Redis broker: the memory
     /// broker is always up, and a constant 0 there would page someone.
     pub broker_up: Gauge,
@@ -276,6 +280,13 @@ impl Metrics {
             "Access-token refreshes by outcome.",
             "counter",
             &["outcome"],
+        );
+        self.introspections.render(
+            &mut out,
+            "tabhub_introspections_total",
+            "Token introspections at the identity provider by result (active, inactive, error, error_fail_open).",
+            "counter",
+            &["result"],
         );
         if self.broker_is_redis.load(Ordering::Relaxed) {
             gauge(

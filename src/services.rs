@@ -55,11 +55,20 @@ impl Services {
         Ok(verified)
     }
 
-    /// With `custody.introspection`, asks the identity provider whether the token is still active (cached).
+    /// With `custody.introspection`, asks the identity provider whether the token is still active (cached):
+    /// `active: false` is revoked; no answer refuses the token for now (retry), unless
+    /// `custody.introspection_fail_open`.
     pub async fn check_revocation(&self, verified: &Verified) -> Result<(), AuthError> {
-        match self.custody.as_ref().filter(|c| c.config().introspection) {
-            Some(custody) if !custody.introspect(&verified.token).await => Err(AuthError::Revoked),
-            _ => Ok(()),
+        let Some(custody) = self.custody.as_ref().filter(|c| c.config().introspection) else {
+            return Ok(());
+        };
+        match custody.introspect(&verified.token).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(AuthError::Revoked),
+            Err(_) if custody.config().introspection_fail_open => Ok(()),
+            Err(_) => Err(AuthError::Retry(
+                "the identity provider cannot confirm the token now",
+            )),
         }
     }
 

@@ -438,6 +438,89 @@ async fn backchannel_logout_closes_the_named_login_and_refuses_replays_and_forge
     );
 }
 
+/// Captures what tabhub logs in this (current-thread) test, to check what it says and what it never says.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// A provider whose access tokens carry no `sid` (RFC 9068's, Keycloak's lightweight ones) still ends the login it
+/// names: the ID token's `sid`, kept at the callback, is what a logout token is matched on. A logout token that
+/// matches nothing is answered 200 and logged (without the token or the session id).
+#[tokio::test]
+async fn backchannel_logout_matches_the_id_tokens_sid_when_access_tokens_have_none() {
+    let logs = Logs::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer({
+            let logs = logs.clone();
+            move || logs.clone()
+        })
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let s = setup(Duration::from_secs(300)).await;
+    s.kc.realm().omit_sid_from_access_tokens(true);
+    let c1 = s.login("/").await;
+    let kc_sid = s.kc.realm().kc_session_of("alice").unwrap();
+    let c2 = s.login("/").await;
+    let (mut a1, mut a2) = (s.tab(&c1).await, s.tab(&c2).await);
+    let url = format!("{}/auth/backchannel-logout", s.base);
+
+    let unknown = s.kc.realm().logout_token(
+        TABHUB_CLIENT,
+        Some("no-such-session"),
+        Some(&sub_of("alice")),
+    );
+    assert_eq!(
+        s.kc.realm().send_backchannel_logout(&url, &unknown).await,
+        200
+    );
+    support::eventually("the unmatched logout token is logged", || {
+        logs.text().contains("back-channel logout matched no login")
+    })
+    .await;
+    a1.send("ping", json!({}), Some(json!(1))).await;
+    assert_eq!(a1.recv().await["id"], 1, "nothing was closed");
+
+    let token =
+        s.kc.realm()
+            .logout_token(TABHUB_CLIENT, Some(&kc_sid), Some(&sub_of("alice")));
+    assert_eq!(
+        s.kc.realm().send_backchannel_logout(&url, &token).await,
+        200
+    );
+    let (code, msgs) = a1.closed().await;
+    assert_eq!(
+        code,
+        Some(4003),
+        "logged out, not left to a failed refresh: {msgs:?}"
+    );
+    a2.send("ping", json!({}), Some(json!(2))).await;
+    assert_eq!(a2.recv().await["id"], 2, "the other login stays");
+    let text = logs.text();
+    for secret in [&unknown, &token, &kc_sid] {
+        assert!(
+            !text.contains(secret.as_str()),
+            "a token or session id in the logs"
+        );
+    }
+}
+
 #[tokio::test]
 async fn cookie_handshakes_need_an_allowed_origin() {
     let s = setup(Duration::from_secs(300)).await;
@@ -544,6 +627,74 @@ async fn introspection_sees_revocation_at_the_handshake_and_is_cached() {
         .as_str()
         .unwrap()
         .contains("revoked"));
+}
+
+/// An introspection endpoint that fails (here a 400, as providers answer for JWT access tokens they do not store)
+/// must not let revoked tokens in: the token is refused for now (1013, `retry: true`), logged and counted, unless
+/// `custody.introspection_fail_open`; a failure is not cached, so the token opens once the endpoint answers again.
+#[tokio::test]
+async fn introspection_fails_closed_unless_configured_to_fail_open() {
+    let kc = Keycloak::start().await;
+    for fail_open in [false, true] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let mut c = support::config(&kc);
+        c.auth.client_ids.push(TABHUB_CLIENT.into());
+        c.custody.enabled = true;
+        c.custody.client_id = TABHUB_CLIENT.into();
+        c.custody.client_secret = TABHUB_SECRET.into();
+        c.custody.redirect_uri = format!("{base}/auth/callback");
+        c.custody.introspection = true;
+        c.custody.introspection_cache_ms = 60_000;
+        c.custody.introspection_fail_open = fail_open;
+        let t = tabhub::start(
+            listener,
+            c,
+            tabhub::commands::builtin(),
+            axum::Router::new(),
+        )
+        .await
+        .unwrap();
+        support::eventually("ready", || t.app().realm.is_ready()).await;
+        let url = support::ws_url(&t);
+        let metrics = &t.app().metrics.introspections;
+        let token = kc.token("alice");
+        for status in [400, 503] {
+            kc.realm().fail_introspection_with(Some(status));
+            let mut tab = Client::connect_with(&url, Cred::Header(&token), None)
+                .await
+                .unwrap();
+            let first = tab.recv().await;
+            if fail_open {
+                assert_eq!(first["type"], "init", "fail open, status {status}: {first}");
+            } else {
+                assert_eq!(first["type"], "error", "status {status}: {first}");
+                assert_eq!(first["data"]["retry"], true, "{first}");
+                let (code, _) = tab.closed().await;
+                assert_eq!(code, Some(1013), "status {status}");
+            }
+        }
+        let (counted, other) = if fail_open {
+            ("error_fail_open", "error")
+        } else {
+            ("error", "error_fail_open")
+        };
+        assert_eq!(metrics.get(&[counted]), 2.0);
+        assert_eq!(metrics.get(&[other]), 0.0);
+        // Failures were not cached: the endpoint answers again, the token is active.
+        kc.realm().fail_introspection_with(None);
+        Client::connect(&url, &token).await;
+        assert_eq!(metrics.get(&["active"]), 1.0);
+        // `active: false` is revoked, whatever fail_open says.
+        let revoked = kc.token("bob");
+        kc.realm().end_sessions_of("bob");
+        let mut tab = Client::connect_with(&url, Cred::Header(&revoked), None)
+            .await
+            .unwrap();
+        let (code, _) = tab.closed().await;
+        assert_eq!(code, Some(4002));
+        assert_eq!(metrics.get(&["inactive"]), 1.0);
+    }
 }
 
 #[tokio::test]

@@ -205,7 +205,7 @@ async fn each_refused_token_gets_its_code() {
                 ..base.clone()
             },
             4001,
-            "typ must be Bearer",
+            "an ID token is not an access token",
         ),
         (
             "alg none",
@@ -295,6 +295,194 @@ async fn key_rotation_is_picked_up_with_one_refetch() {
     let fetched = kc.jwks_fetches();
     let mut c = Client::connect(&url, &kc.mint(&rotated)).await;
     assert_eq!(kc.jwks_fetches(), fetched + 1, "accepted after one refetch");
+    c.send("ping", json!({}), None).await;
+    assert_eq!(c.recv().await["type"], "ack");
+}
+
+/// Both standard shapes of access token open a session, by what they are: Keycloak's (`typ` claim `Bearer`, client
+/// in `azp`) and RFC 9068's (`typ` header `at+jwt`, client in `client_id`); ID, refresh and logout tokens of an
+/// accepted client never do, even with `require_typ_bearer = false`, which lets in only unmarked tokens that cannot
+/// be ID tokens.
+#[tokio::test]
+async fn access_tokens_of_either_shape_open_and_other_tokens_never_do() {
+    let kc = Keycloak::start().await;
+    for require_typ_bearer in [true, false] {
+        let mut cfg = support::config(&kc);
+        cfg.auth.require_typ_bearer = require_typ_bearer;
+        cfg.auth.client_ids.push("tabhub".into());
+        let t = support::start(cfg, tabhub::commands::builtin()).await;
+        let url = support::ws_url(&t);
+        Client::connect(&url, &kc.mint(&TokenSpec::user("alice"))).await;
+        Client::connect(&url, &kc.mint(&TokenSpec::rfc9068("alice", "tabhub"))).await;
+        let (code, data) = refused(&url, &kc.mint(&TokenSpec::rfc9068("alice", "cli"))).await;
+        assert_eq!(code, Some(4001), "RFC 9068 token of another client: {data}");
+
+        let id = |spec: TokenSpec| spec.without("typ").claim("aud", json!("tabhub"));
+        let refusals = [
+            (
+                "Keycloak ID token",
+                TokenSpec::user("alice").claim("typ", json!("ID")),
+                "ID token",
+            ),
+            (
+                "Keycloak refresh token",
+                TokenSpec::user("alice").claim("typ", json!("Refresh")),
+                "refresh token",
+            ),
+            (
+                "Keycloak offline token",
+                TokenSpec::user("alice").claim("typ", json!("Offline")),
+                "refresh token",
+            ),
+            (
+                "standard ID token",
+                id(TokenSpec::user("alice")).claim("nonce", json!("n")),
+                "ID token",
+            ),
+            (
+                "standard ID token without nonce",
+                id(TokenSpec::user("alice")).without("azp"),
+                "",
+            ),
+            (
+                "ID token with azp",
+                id(TokenSpec::user("alice")).claim("azp", json!("tabhub")),
+                "",
+            ),
+            (
+                "logout token",
+                TokenSpec {
+                    header_typ: Some("logout+jwt".into()),
+                    ..id(TokenSpec::user("alice"))
+                },
+                "logout token",
+            ),
+            (
+                "at+jwt with a nonce",
+                TokenSpec::rfc9068("alice", "tabhub").claim("nonce", json!("n")),
+                "ID token",
+            ),
+        ];
+        for (what, spec, text) in refusals {
+            let (code, data) = refused(&url, &kc.mint(&spec)).await;
+            assert_eq!(
+                code,
+                Some(4001),
+                "{what} (require_typ_bearer {require_typ_bearer}): {data}"
+            );
+            let message = data["message"].as_str().unwrap_or_default();
+            assert!(message.contains(text), "{what}: {message}");
+        }
+        // An unmarked access token (client in azp, aud a resource server) only when markers are not required.
+        let unmarked = TokenSpec {
+            aud: json!("https://api.example"),
+            ..TokenSpec::user("alice")
+        }
+        .without("typ");
+        if require_typ_bearer {
+            let (code, _) = refused(&url, &kc.mint(&unmarked)).await;
+            assert_eq!(code, Some(4001));
+        } else {
+            Client::connect(&url, &kc.mint(&unmarked)).await;
+        }
+    }
+}
+
+/// A realm makes a new signing key active at once (Keycloak does): a token naming a `kid` published after the last
+/// key fetch, inside `jwks_refetch_min_interval_ms`, is told to retry (1013, `retry: true`), never 4001 ("the same
+/// token will never work"), and costs no request; the same token opens as soon as a refetch is allowed.
+#[tokio::test]
+async fn a_new_kid_inside_the_refetch_interval_is_retry_later_never_invalid() {
+    let kc = Keycloak::start().await;
+    let mut cfg = support::config(&kc);
+    cfg.auth.jwks_refetch_min_interval_ms = 5_000;
+    cfg.auth.jwks_unknown_kid_wait_ms = 0;
+    let t = support::start(cfg, tabhub::commands::builtin()).await;
+    let url = support::ws_url(&t);
+    kc.rotate_keys();
+    let token = kc.mint(&TokenSpec::user("alice").key("rs256-b.pem", "fixture-rs256-b"));
+    let fetched = kc.jwks_fetches();
+    let (code, data) = refused(&url, &token).await;
+    assert_eq!(code, Some(1013), "{data}");
+    assert_eq!(data["retry"], true, "{data}");
+    assert!(data.get("invalidToken").is_none(), "{data}");
+    assert_eq!(kc.jwks_fetches(), fetched, "no refetch inside the interval");
+    // As a client does on 1013: retry (with a short pause) until it opens; one refetch, once allowed.
+    let deadline = tokio::time::Instant::now() + support::WAIT;
+    loop {
+        let mut c = Client::connect_with(&url, Cred::Header(&token), None)
+            .await
+            .unwrap();
+        let first = c.recv().await;
+        if first["type"] == "init" {
+            break;
+        }
+        assert_eq!(
+            first["data"]["retry"], true,
+            "only retry-later before: {first}"
+        );
+        assert!(tokio::time::Instant::now() < deadline, "never accepted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(kc.jwks_fetches(), fetched + 1, "one refetch, once allowed");
+}
+
+/// With `jwks_unknown_kid_wait_ms` covering the rest of the interval, a new key's token waits for the next allowed
+/// refetch and opens in the same handshake; a flood of made-up `kid`s arriving meanwhile shares that one refetch
+/// (and is refused after it) instead of keeping the genuine key out; a made-up `kid` seen again costs nothing.
+#[tokio::test]
+async fn one_refetch_serves_every_waiting_token_and_made_up_kids_keep_no_key_out() {
+    const INTERVAL: Duration = Duration::from_millis(4_000);
+    let kc = Keycloak::start().await;
+    let mut cfg = support::config(&kc);
+    cfg.auth.jwks_refetch_min_interval_ms = INTERVAL.as_millis() as u64;
+    cfg.auth.jwks_unknown_kid_wait_ms = 6_000;
+    // Minted first: the burst below must fit in one refetch interval from tabhub's start.
+    let made_up: Vec<String> = (0..30)
+        .map(|i| kc.mint(&TokenSpec::user("mallory").key("rogue.pem", &format!("made-up-{i}"))))
+        .collect();
+    let again = kc.mint(&TokenSpec::user("mallory").key("rogue.pem", "made-up-0"));
+    let genuine = kc.mint(&TokenSpec::user("alice").key("rs256-b.pem", "fixture-rs256-b"));
+    // The refetch comes at least an interval after tabhub's first fetch, which comes after this.
+    let before_start = std::time::Instant::now();
+    let t = support::start(cfg, tabhub::commands::builtin()).await;
+    let url = support::ws_url(&t);
+    kc.rotate_keys();
+    let fetched = kc.jwks_fetches();
+    let started = std::time::Instant::now();
+    let made_up: Vec<_> = made_up
+        .into_iter()
+        .map(|token| {
+            let url = url.clone();
+            tokio::spawn(async move { refused(&url, &token).await })
+        })
+        .collect();
+    let mut c = Client::connect(&url, &genuine).await;
+    for h in made_up {
+        let (code, data) = h.await.unwrap();
+        assert_eq!(code, Some(4001), "{data}");
+        assert!(data["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("unknown signing key"));
+    }
+    // One refetch serves every token waiting for it: one per interval the burst spanned (one, unless the machine
+    // is so loaded that the 31 handshakes took longer than an interval to arrive).
+    let windows = (started.elapsed().as_millis() / INTERVAL.as_millis()) as usize + 1;
+    let refetches = kc.jwks_fetches() - fetched;
+    assert!(
+        (1..=windows).contains(&refetches),
+        "{refetches} refetches for 31 tokens in {windows} interval(s)"
+    );
+    // A made-up kid again, within the interval after the refetch: refused at once, without a request (the per-kid
+    // throttle). The refetch began at least an interval after `before_start`: until two intervals from then, its
+    // answer still stands (checked unless the machine was too slow to get here in time).
+    let before = kc.jwks_fetches();
+    let (code, _) = refused(&url, &again).await;
+    assert_eq!(code, Some(4001));
+    if before_start.elapsed() < 2 * INTERVAL {
+        assert_eq!(kc.jwks_fetches(), before, "the per-kid throttle");
+    }
     c.send("ping", json!({}), None).await;
     assert_eq!(c.recv().await["type"], "ack");
 }

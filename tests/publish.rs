@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::keycloak::{sub_of, PUBLISHER_CLIENT, PUBLISHER_SECRET};
-use support::{Client, Keycloak};
+use support::{Client, Keycloak, TokenSpec};
 
 const SECRET: &str = "s3cret-for-tests";
 
@@ -192,6 +192,94 @@ async fn publishers_are_authenticated_and_bodies_checked() {
     assert_eq!(r.status(), 400);
     let big = json!({"target": {"broadcast": true}, "type": "x", "data": "y".repeat(100_000)});
     assert_eq!(publish(&t, SECRET, big).await.0, 413);
+}
+
+/// The publish API verifies tokens like every other entry point: a standard RFC 9068 client-credentials token
+/// (`at+jwt` header, the client in `client_id`, no `typ` claim, no `azp`) publishes; the publisher's ID, refresh
+/// or logout tokens never do (401), another client's access token gets 403; a token naming a signing key newer than
+/// the last key fetch gets 503 with `Retry-After` (not 401: it will work), then publishes once a refetch is allowed.
+#[tokio::test]
+async fn publish_accepts_standard_access_tokens_and_only_them() {
+    let kc = Keycloak::start().await;
+    let mut c = config(&kc);
+    c.auth.jwks_refetch_min_interval_ms = 5_000;
+    c.auth.jwks_unknown_kid_wait_ms = 0;
+    let t = support::start(c, tabhub::commands::builtin()).await;
+    let body = || json!({"target": {"broadcast": true}, "type": "hello"});
+    let service = |spec: TokenSpec| spec.claim("sub", json!("service-account-publisher"));
+    let standard = kc.mint(&service(TokenSpec::rfc9068("svc", PUBLISHER_CLIENT)));
+    let (status, answer) = publish(&t, &standard, body()).await;
+    assert_eq!(status, 200, "{answer}");
+    // A Keycloak-shaped token whose client is in `client_id` only (no azp) is accepted too.
+    let kc_client_id = service(TokenSpec::user("svc"))
+        .without("azp")
+        .claim("client_id", json!(PUBLISHER_CLIENT));
+    assert_eq!(publish(&t, &kc.mint(&kc_client_id), body()).await.0, 200);
+
+    let publisher = |spec: TokenSpec| TokenSpec {
+        azp: PUBLISHER_CLIENT.into(),
+        aud: json!(PUBLISHER_CLIENT),
+        ..spec
+    };
+    for (what, spec) in [
+        (
+            "ID token",
+            publisher(TokenSpec::user("svc")).claim("typ", json!("ID")),
+        ),
+        (
+            "refresh token",
+            publisher(TokenSpec::user("svc")).claim("typ", json!("Refresh")),
+        ),
+        (
+            "standard ID token",
+            publisher(TokenSpec::user("svc")).without("typ"),
+        ),
+        (
+            "logout token",
+            TokenSpec {
+                header_typ: Some("logout+jwt".into()),
+                ..publisher(TokenSpec::user("svc")).without("typ")
+            },
+        ),
+    ] {
+        let (status, answer) = publish(&t, &kc.mint(&spec), body()).await;
+        assert_eq!(status, 401, "{what}: {answer}");
+        assert!(
+            answer["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("not an access token"),
+            "{what}: {answer}"
+        );
+    }
+    let other = kc.mint(&TokenSpec::rfc9068("svc", "renku-ui"));
+    assert_eq!(publish(&t, &other, body()).await.0, 403);
+
+    kc.rotate_keys();
+    let rotated = kc.mint(
+        &service(TokenSpec::rfc9068("svc", PUBLISHER_CLIENT)).key("rs256-b.pem", "fixture-rs256-b"),
+    );
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/api/publish", t.local_addr()))
+        .bearer_auth(&rotated)
+        .json(&body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        503,
+        "a new key inside the refetch interval: retry"
+    );
+    assert!(r.headers().contains_key("retry-after"));
+    support::eventually_async(
+        "the new key's token publishes once a refetch is allowed",
+        || {
+            let (t, rotated) = (&t, &rotated);
+            async move { publish(t, rotated, body()).await.0 == 200 }
+        },
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -1,10 +1,15 @@
 //! The realm: its discovery document and signing keys, loaded at start with retry and refreshed on key rotation.
 //!
 //! Readiness (`/readyz`) waits for the first successful load. A token signed with a `kid` the cached key set does
-//! not know triggers one refetch, at most once per `auth.jwks_refetch_min_interval_ms`, so a realm can rotate keys
-//! without a restart and a flood of forged `kid`s cannot turn into a flood of requests to Keycloak. Keys are also
-//! refetched every `auth.jwks_refresh_interval_ms`: a key the realm withdraws is noticed at the next refetch of
-//! either kind, and from then on refused (cached verified tokens included).
+//! not know triggers a refetch ([`Realm::key_set_with`]), so a realm can rotate keys without a restart: Keycloak
+//! signs with a new key as soon as it is active, so the first token naming it may arrive right after a fetch.
+//! Refetches are throttled overall (one per `auth.jwks_refetch_min_interval_ms`) and per `kid` (a `kid` absent from
+//! a fetch that began after the token arrived is refused for an interval without any request), and one refetch
+//! serves every token waiting for it: a flood of forged `kid`s cannot turn into a flood of requests to the realm,
+//! nor keep a genuine new key out. Inside the throttle, a token waits for the next allowed refetch for at most
+//! `auth.jwks_unknown_kid_wait_ms`, else is told to retry ([`AuthError::Retry`], never "invalid": the same token
+//! will work). Keys are also refetched every `auth.jwks_refresh_interval_ms`: a key the realm withdraws is noticed
+//! at the next refetch of either kind, and from then on refused (cached verified tokens included).
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -16,6 +21,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use tokio::time::Instant;
 
+use super::verified::AuthError;
 use crate::config::AuthConfig;
 
 /// The fields of the discovery document tabhub uses, plus the whole document (token custody needs more of it).
@@ -57,6 +63,33 @@ pub(crate) struct Loaded {
     pub jwks: Value,
 }
 
+/// When key fetches began, for the throttle and for the tokens waiting on them.
+#[derive(Default)]
+struct Fetches {
+    /// The last fetch of any kind: the next one for an unknown `kid` comes `jwks_refetch_min_interval_ms` later.
+    started: Option<Instant>,
+    /// The last successful one: a `kid` unknown since before it began is not published by the realm.
+    ok_started: Option<Instant>,
+    /// The last failed one: a `kid` unknown since before it began cannot be looked up now.
+    failed_started: Option<Instant>,
+}
+
+impl Fetches {
+    fn begin(&mut self) -> Instant {
+        let now = Instant::now();
+        self.started = Some(now);
+        now
+    }
+
+    fn end(&mut self, started: Instant, ok: bool) {
+        if ok {
+            self.ok_started = Some(started);
+        } else {
+            self.failed_started = Some(started);
+        }
+    }
+}
+
 /// Why loading failed; logged, never shown to clients.
 #[derive(Debug, thiserror::Error)]
 pub enum RealmError {
@@ -73,8 +106,10 @@ pub struct Realm {
     config: AuthConfig,
     http: reqwest::Client,
     loaded: RwLock<Option<Arc<Loaded>>>,
-    /// When keys were last fetched; held during a refetch so concurrent unknown `kid`s cause one request.
-    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+    /// The key fetches so far; held during a fetch, so that the tokens waiting for one share it.
+    fetches: tokio::sync::Mutex<Fetches>,
+    /// `kid`s a recent successful fetch did not have (the per-`kid` throttle), for `jwks_refetch_min_interval_ms`.
+    absent: moka::sync::Cache<String, ()>,
     /// Tokens already verified, by token: a user's tabs, reloads and reconnect storms present the same token
     /// again, and an RSA verification is about half of a handshake's CPU. Entries live at most a minute, a hit
     /// re-checks `exp`, and a fetched key set that lost a key empties the cache (see `install`).
@@ -90,11 +125,16 @@ impl Realm {
             .timeout(Duration::from_millis(config.http_timeout_ms))
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
+        let refetch_interval = Duration::from_millis(config.jwks_refetch_min_interval_ms.max(1));
         Ok(Arc::new(Realm {
             config,
             http,
             loaded: RwLock::new(None),
-            last_fetch: tokio::sync::Mutex::new(None),
+            fetches: tokio::sync::Mutex::new(Fetches::default()),
+            absent: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(refetch_interval)
+                .build(),
             verified: moka::sync::Cache::builder()
                 .max_capacity(50_000)
                 .time_to_live(Duration::from_secs(60))
@@ -154,9 +194,10 @@ impl Realm {
         loop {
             tokio::time::sleep(every).await;
             let Some(realm) = realm.upgrade() else { return };
-            let mut last = realm.last_fetch.lock().await;
-            *last = Some(Instant::now());
-            realm.fetch_and_install("periodic refresh").await;
+            let mut fetches = realm.fetches.lock().await;
+            let started = fetches.begin();
+            let ok = realm.fetch_and_install("periodic refresh").await;
+            fetches.end(started, ok);
         }
     }
 
@@ -176,8 +217,10 @@ impl Realm {
             )));
         }
         discovery.document = document;
+        let mut fetches = self.fetches.lock().await;
+        let started = fetches.begin();
         let (keys, jwks) = self.fetch_keys(&discovery.jwks_uri).await?;
-        *self.last_fetch.lock().await = Some(Instant::now());
+        fetches.end(started, true);
         self.install(Arc::new(Loaded {
             discovery,
             keys,
@@ -218,35 +261,85 @@ impl Realm {
         self.withdrawals.subscribe()
     }
 
-    /// Refetches the key set after a token named an unknown `kid`, unless keys were fetched recently. Returns the
-    /// possibly updated state.
-    pub(crate) async fn refetch_keys(&self) -> Option<Arc<Loaded>> {
-        let mut last = self.last_fetch.lock().await;
-        let min = Duration::from_millis(self.config.jwks_refetch_min_interval_ms);
-        if last.is_some_and(|t| t.elapsed() < min) {
-            return self.loaded();
+    /// The key set in which a token's key can be looked up (`has` says whether a set holds it), refetched if the
+    /// current one does not hold it. `kid` names the key for the per-`kid` throttle (empty without one).
+    ///
+    /// Ok: the current set (perhaps still without the key: a successful fetch begun after this call did not have
+    /// it, so the realm does not publish it). Err([`AuthError::Retry`]) when the next allowed refetch is further
+    /// than `auth.jwks_unknown_kid_wait_ms` away or the refetch failed: the token may well be valid.
+    pub(crate) async fn key_set_with(
+        &self,
+        kid: &str,
+        has: impl Fn(&Loaded) -> bool,
+    ) -> Result<Arc<Loaded>, AuthError> {
+        let asked = Instant::now();
+        let current = self.loaded().ok_or(AuthError::Unavailable)?;
+        if has(&current) || self.absent.contains_key(kid) {
+            return Ok(current);
         }
-        *last = Some(Instant::now());
-        self.fetch_and_install("an unknown kid").await
+        let min = Duration::from_millis(self.config.jwks_refetch_min_interval_ms);
+        let deadline = asked + Duration::from_millis(self.config.jwks_unknown_kid_wait_ms);
+        loop {
+            let mut fetches = self.fetches.lock().await;
+            // A fetch that began after the token arrived answers for it, whoever started it.
+            if fetches.ok_started.is_some_and(|t| t >= asked) {
+                let current = self.loaded().ok_or(AuthError::Unavailable)?;
+                if !has(&current) {
+                    self.absent.insert(kid.to_owned(), ());
+                }
+                return Ok(current);
+            }
+            if fetches.failed_started.is_some_and(|t| t >= asked) {
+                return Err(AuthError::Retry(
+                    "the identity provider's keys cannot be fetched now",
+                ));
+            }
+            let next = fetches.started.map_or(asked, |t| t + min);
+            if next <= Instant::now() {
+                let started = fetches.begin();
+                let ok = self.fetch_and_install("an unknown kid").await;
+                fetches.end(started, ok);
+                continue;
+            }
+            if next > deadline {
+                return Err(AuthError::Retry(
+                    "a signing key newer than the last key fetch",
+                ));
+            }
+            drop(fetches);
+            tokio::time::sleep_until(next).await;
+        }
     }
 
-    /// Fetches the key set and installs it; on failure keeps the current one. Called with `last_fetch` held.
-    async fn fetch_and_install(&self, why: &'static str) -> Option<Arc<Loaded>> {
-        let current = self.loaded()?;
+    /// How long until a refetch for an unknown `kid` is allowed again: what a caller that cannot give up (token
+    /// custody holding a just-rotated refresh token) waits before verifying again.
+    pub(crate) async fn next_refetch_in(&self) -> Duration {
+        let min = Duration::from_millis(self.config.jwks_refetch_min_interval_ms);
+        let fetches = self.fetches.lock().await;
+        fetches.started.map_or(Duration::ZERO, |t| {
+            (t + min).saturating_duration_since(Instant::now())
+        })
+    }
+
+    /// Fetches the key set and installs it; on failure keeps the current one. Called with `fetches` held. Returns
+    /// whether it succeeded.
+    async fn fetch_and_install(&self, why: &'static str) -> bool {
+        let Some(current) = self.loaded() else {
+            return false;
+        };
         match self.fetch_keys(&current.discovery.jwks_uri).await {
             Ok((keys, jwks)) => {
                 tracing::info!(keys = keys.len(), why, "realm keys refetched");
-                let updated = Arc::new(Loaded {
+                self.install(Arc::new(Loaded {
                     discovery: current.discovery.clone(),
                     keys,
                     jwks,
-                });
-                self.install(updated.clone());
-                Some(updated)
+                }));
+                true
             }
             Err(e) => {
                 tracing::warn!(error = %e, why, "realm keys refetch failed");
-                Some(current)
+                false
             }
         }
     }

@@ -13,7 +13,7 @@ pub struct Verified {
     pub exp: u64,
     /// Keycloak's session id (`sid`), for back-channel logout; never logged.
     pub sid: Option<String>,
-    /// The client the token was issued to.
+    /// The accepted client the token names (`azp`, `client_id` or `aud`, see `crate::auth::kind`).
     pub azp: Option<String>,
     /// The token itself, for calls to backends on the user's behalf.
     pub token: Arc<str>,
@@ -59,4 +59,14 @@ pub enum AuthError {
     NoLogin,
     #[error("the identity provider's keys are not loaded yet; try again shortly")]
     Unavailable,
+    /// Valid perhaps, but not checkable now (a signing key published since the last key fetch while refetches are
+    /// throttled, an introspection endpoint that fails): the same credential may work shortly.
+    #[error("{0}; try again shortly")]
+    Retry(&'static str),
+}
+
+impl From<super::kind::Refusal> for AuthError {
+    fn from(r: super::kind::Refusal) -> Self {
+        AuthError::Invalid(r.message())
+    }
 }

@@ -1,5 +1,5 @@
-//! Access-token verification: signature with the realm's keys, `iss` exactly, `exp`/`nbf` with a small leeway,
-//! `typ` = `Bearer`, and `azp` or `aud` among the accepted clients.
+//! Token verification: signature with the realm's keys, `iss` exactly, `exp`/`nbf` with a small leeway; then, for
+//! access tokens, the rule of [`super::kind`] (what the token is, and for which client).
 //!
 //! Two claim checks are tabhub's own, on top of jsonwebtoken's: `iss` must be one JSON string equal to
 //! `auth.issuer` (jsonwebtoken accepts an array that contains the issuer, even `[evil, issuer]`), and `exp`, when
@@ -11,12 +11,13 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use jsonwebtoken::{Algorithm, Validation};
+use jsonwebtoken::{Algorithm, Header, Validation};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
 use tabhub_commands::User;
 
+use super::kind::{self, Accepted, Rule};
 use super::realm::{Key, KeyKind, Loaded, Realm};
 use super::verified::{AuthError, Verified};
 use crate::config::parse_algorithm;
@@ -26,6 +27,7 @@ use crate::config::parse_algorithm;
 /// never see it.
 pub const MAX_EXP_AHEAD_SECS: u64 = 10 * 366 * 24 * 3600;
 
+/// The claims of a user's access token that tabhub reads (what the token is was decided by [`kind::accept`]).
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
@@ -33,40 +35,29 @@ struct Claims {
     #[serde(default)]
     preferred_username: Option<String>,
     #[serde(default)]
-    typ: Option<String>,
-    #[serde(default)]
-    azp: Option<String>,
-    #[serde(default)]
-    aud: Option<OneOrMany>,
-    #[serde(default)]
     sid: Option<String>,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum OneOrMany {
-    One(String),
-    Many(Vec<String>),
-}
-
-impl OneOrMany {
-    fn contains_any(&self, wanted: &[String]) -> bool {
-        match self {
-            OneOrMany::One(a) => wanted.contains(a),
-            OneOrMany::Many(v) => v.iter().any(|a| wanted.contains(a)),
-        }
-    }
-}
-
 impl Realm {
-    /// Verifies a JWT signed by the realm: accepted algorithm, known key (one refetch on an unknown `kid`),
-    /// signature, `iss` exactly; `exp`/`nbf` with the leeway. `configure` adjusts the validation (required claims,
-    /// audience) for the kind of token.
+    /// Verifies a JWT signed by the realm: accepted algorithm, known key (see [`Realm::key_set_with`] for an
+    /// unknown `kid`), signature, `iss` exactly; `exp`/`nbf` with the leeway. `configure` adjusts the validation
+    /// (required claims, audience) for the kind of token. Says nothing of what the token is for: access tokens go
+    /// through [`Realm::verify_access`].
     pub async fn verify_jwt<T: DeserializeOwned>(
         &self,
         token: &str,
         configure: impl FnOnce(&mut Validation),
     ) -> Result<T, AuthError> {
+        let (_, claims) = self.verify_signed(token, configure).await?;
+        serde_json::from_value(claims).map_err(|_| AuthError::Invalid("malformed token"))
+    }
+
+    /// [`Realm::verify_jwt`], giving the JOSE header and the claims as JSON.
+    pub async fn verify_signed(
+        &self,
+        token: &str,
+        configure: impl FnOnce(&mut Validation),
+    ) -> Result<(Header, Value), AuthError> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| AuthError::Invalid("malformed token"))?;
         let accepted: Vec<Algorithm> = self
@@ -78,12 +69,14 @@ impl Realm {
         if !accepted.contains(&header.alg) {
             return Err(AuthError::Invalid("signature algorithm not accepted"));
         }
-        let mut loaded = self.loaded().ok_or(AuthError::Unavailable)?;
-        if find_key(&loaded, header.kid.as_deref(), header.alg).is_none() {
-            loaded = self.refetch_keys().await.ok_or(AuthError::Unavailable)?;
-        }
-        let key = find_key(&loaded, header.kid.as_deref(), header.alg)
-            .ok_or(AuthError::Invalid("unknown signing key"))?;
+        let kid = header.kid.as_deref();
+        let loaded = self
+            .key_set_with(kid.unwrap_or(""), |l| {
+                find_key(l, kid, header.alg).is_some()
+            })
+            .await?;
+        let key =
+            find_key(&loaded, kid, header.alg).ok_or(AuthError::Invalid("unknown signing key"))?;
 
         let mut validation = Validation::new(header.alg);
         validation.set_issuer(&[self.config().issuer.as_str()]);
@@ -109,7 +102,23 @@ impl Realm {
                 }
             })?;
         check_claims(&data.claims, &self.config().issuer, now_secs())?;
-        serde_json::from_value(data.claims).map_err(|_| AuthError::Invalid("malformed token"))
+        Ok((header, data.claims))
+    }
+
+    /// Verifies an access token of one of `clients` (the publish API's rule: `publish.clients`), with the same
+    /// signature checks and the same rule of what an access token is as every other entry point. Uncached.
+    pub async fn verify_access(
+        &self,
+        token: &str,
+        clients: &[String],
+    ) -> Result<(Accepted, Value), VerifyError> {
+        let (header, claims) = self.verify_signed(token, |_| {}).await?;
+        let rule = Rule {
+            clients,
+            allow_unmarked: !self.config().require_typ_bearer,
+        };
+        let accepted = kind::accept(&header, &claims, &rule).map_err(VerifyError::Refused)?;
+        Ok((accepted, claims))
     }
 
     /// Verifies an access token (answers from the cache of verified tokens when it can).
@@ -131,22 +140,14 @@ impl Realm {
         Ok(v)
     }
 
-    /// Verifies a token without the cache of verified tokens.
+    /// Verifies a user's access token (of a client in `auth.client_ids`) without the cache of verified tokens.
     pub(crate) async fn verify_uncached(&self, token: &str) -> Result<Verified, AuthError> {
-        let claims: Claims = self.verify_jwt(token, |_| {}).await?;
-        if self.config().require_typ_bearer && claims.typ.as_deref() != Some("Bearer") {
-            return Err(AuthError::Invalid(
-                "not an access token (typ must be Bearer)",
-            ));
-        }
-        let clients = &self.config().client_ids;
-        let azp_ok = claims.azp.as_ref().is_some_and(|a| clients.contains(a));
-        let aud_ok = claims.aud.as_ref().is_some_and(|a| a.contains_any(clients));
-        if !azp_ok && !aud_ok {
-            return Err(AuthError::Invalid(
-                "token issued for another client (azp/aud)",
-            ));
-        }
+        let (accepted, claims) = self
+            .verify_access(token, &self.config().client_ids)
+            .await
+            .map_err(AuthError::from)?;
+        let claims: Claims =
+            serde_json::from_value(claims).map_err(|_| AuthError::Invalid("malformed token"))?;
         if claims.sub.is_empty() {
             return Err(AuthError::Invalid("empty sub"));
         }
@@ -159,11 +160,33 @@ impl Realm {
             },
             exp: claims.exp,
             sid: claims.sid,
-            azp: claims.azp,
+            azp: Some(accepted.client),
             token: Arc::from(token),
             login: None,
             anonymous: false,
         })
+    }
+}
+
+/// Why [`Realm::verify_access`] refused a token: its signature or claims, or what it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VerifyError {
+    Auth(AuthError),
+    Refused(kind::Refusal),
+}
+
+impl From<AuthError> for VerifyError {
+    fn from(e: AuthError) -> Self {
+        VerifyError::Auth(e)
+    }
+}
+
+impl From<VerifyError> for AuthError {
+    fn from(e: VerifyError) -> Self {
+        match e {
+            VerifyError::Auth(e) => e,
+            VerifyError::Refused(r) => r.into(),
+        }
     }
 }
 

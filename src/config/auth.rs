@@ -12,9 +12,13 @@ pub struct AuthConfig {
     /// The realm's issuer URL, e.g. `https://kc.example/realms/renku`. Tokens' `iss` must equal it exactly, and so
     /// must the discovery document's `issuer`. Required.
     pub issuer: String,
-    /// Client ids whose tokens are accepted: a token's `azp`, or one of its `aud`, must be one of them. Required.
+    /// Client ids whose access tokens are accepted: a token's `azp`, `client_id`, or one of its `aud`, must be one
+    /// of them (see `crate::auth::kind`). Required.
     pub client_ids: Vec<String>,
-    /// Require the `typ` claim to be `Bearer` (Keycloak access tokens), so that ID and refresh tokens are refused.
+    /// Accept only tokens marked as access tokens: Keycloak's `typ` claim `Bearer`, or RFC 9068's `typ` header
+    /// `at+jwt`. `false` also accepts unmarked JWTs (providers that mark neither) when nothing in them says ID
+    /// token: no `nonce`, no `aud` naming an accepted client, the client named by `azp` or `client_id`. ID, refresh
+    /// and logout tokens are refused either way.
     pub require_typ_bearer: bool,
     /// Accepted signature algorithms. Only asymmetric ones are possible: `none` and HMAC are always refused.
     pub algorithms: Vec<String>,
@@ -28,8 +32,13 @@ pub struct AuthConfig {
     pub discovery_retry_max_ms: u64,
     /// Timeout of one discovery or JWKS request.
     pub http_timeout_ms: u64,
-    /// A token with an unknown `kid` triggers a JWKS refetch at most this often.
+    /// A token with an unknown `kid` triggers a JWKS refetch at most this often (and a `kid` still unknown after a
+    /// refetch is refused without another one for as long).
     pub jwks_refetch_min_interval_ms: u64,
+    /// A token with an unknown `kid` waits at most this long for the next allowed refetch; when that is further
+    /// away, the client is told to retry (close 1013 with `retry: true`, publish 503), never that the token is
+    /// invalid: a realm signs with a new key as soon as it is active.
+    pub jwks_unknown_kid_wait_ms: u64,
     /// The JWKS is also refetched this often (0: never), so that a key the realm withdraws stops being accepted
     /// even when no token names a new `kid` (Keycloak rotates in the new key long before removing the old one).
     pub jwks_refresh_interval_ms: u64,
@@ -55,6 +64,7 @@ impl Default for AuthConfig {
             discovery_retry_max_ms: 30_000,
             http_timeout_ms: 5_000,
             jwks_refetch_min_interval_ms: 10_000,
+            jwks_unknown_kid_wait_ms: 2_000,
             jwks_refresh_interval_ms: 600_000,
             expiry_warning_ms: 60_000,
             allow_anonymous: false,
@@ -93,6 +103,12 @@ impl AuthConfig {
         }
         if self.leeway_secs > 3_600 {
             return Err(key_error("auth.leeway_secs", "at most 3600 (one hour)"));
+        }
+        if self.jwks_unknown_kid_wait_ms > 30_000 {
+            return Err(key_error(
+                "auth.jwks_unknown_kid_wait_ms",
+                "at most 30000: a handshake waits this long",
+            ));
         }
         Ok(())
     }

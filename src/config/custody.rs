@@ -45,9 +45,14 @@ pub struct CustodyConfig {
     pub logins_burst: f64,
     /// Stored logins expire with the refresh token; this lifetime applies when it cannot be read.
     pub default_refresh_lifetime_ms: u64,
-    /// RFC 7662 introspection of every handshake's token (revocation seen at once), cached this long.
+    /// RFC 7662 introspection of every handshake's token (revocation seen at once), cached this long. `active:
+    /// false` is a revoked token (4002).
     pub introspection: bool,
     pub introspection_cache_ms: u64,
+    /// When the introspection endpoint fails (unreachable, a non-2xx status, an answer without `active`): `false`
+    /// refuses the token for now (close 1013 with `retry: true`: a provider that cannot answer must not let revoked
+    /// tokens in); `true` lets it in on its signature alone. Logged and counted either way.
+    pub introspection_fail_open: bool,
     /// Back-channel logout tokens older than this (`iat`) are refused; their `jti`s are remembered as long.
     pub logout_token_max_age_ms: u64,
 }
@@ -74,6 +79,7 @@ impl Default for CustodyConfig {
             default_refresh_lifetime_ms: 1_800_000,
             introspection: false,
             introspection_cache_ms: 5_000,
+            introspection_fail_open: false,
             logout_token_max_age_ms: 120_000,
         }
     }

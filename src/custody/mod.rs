@@ -75,6 +75,12 @@ pub enum CustodyError {
     BadLogoutToken(&'static str),
 }
 
+/// Why an introspection gave no answer (logged; the status is in the text only as "an error status", never the
+/// body, which could echo the token).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct IntrospectionFailed(pub &'static str);
+
 /// The token-custody service.
 pub struct Custody {
     config: CustodyConfig,
@@ -89,7 +95,7 @@ pub struct Custody {
     /// Refreshes in flight or just done, keyed by the refresh token they used: concurrent refreshes of one
     /// login share one request, and a late caller holding the rotated-out token gets the new set.
     refreshes: moka::future::Cache<Arc<str>, StoredLogin>,
-    /// Introspection answers by token, for `introspection_cache_ms`.
+    /// Introspection answers by token, for `introspection_cache_ms` (failures are not kept).
     introspected: moka::future::Cache<Arc<str>, bool>,
     /// Logout tokens' `jti`s already seen.
     seen_jti: moka::future::Cache<String, ()>,
@@ -102,17 +108,27 @@ fn new_login_id() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-/// The `exp` of a JWT, read without verification: only to know how long to keep a refresh token (Keycloak's are
-/// JWTs signed with a realm secret we do not have).
-fn unverified_exp(jwt: &str) -> Option<u64> {
+/// The claims of a JWT, read without verification: callers either verified it already (the ID token, by
+/// openidconnect) or only need a hint (the refresh token's lifetime: Keycloak's are JWTs signed with a realm secret
+/// we do not have; other providers' are opaque, and give `None`).
+fn unverified_claims(jwt: &str) -> Option<Value> {
     let payload = jwt.split('.').nth(1)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload.trim_end_matches('='))
         .ok()?;
-    serde_json::from_slice::<Value>(&bytes)
-        .ok()?
-        .get("exp")?
-        .as_u64()
+    serde_json::from_slice::<Value>(&bytes).ok()
+}
+
+fn unverified_exp(jwt: &str) -> Option<u64> {
+    unverified_claims(jwt)?.get("exp")?.as_u64()
+}
+
+/// The `sid` of an ID token openidconnect verified (its claims type does not carry `sid`).
+fn id_token_sid(id_token: &str) -> Option<String> {
+    unverified_claims(id_token)?
+        .get("sid")?
+        .as_str()
+        .map(str::to_owned)
 }
 
 impl Custody {
@@ -319,11 +335,20 @@ impl Custody {
         id_token: Option<String>,
         previous: Option<&StoredLogin>,
     ) -> Result<StoredLogin, CustodyError> {
-        let verified = self
-            .realm
-            .verify(access)
-            .await
-            .map_err(|e| CustodyError::LoginFailed(format!("access token: {e}")))?;
+        let verified = match self.realm.verify(access).await {
+            // Signed with a key newer than the last key fetch: the token endpoint just answered, so the token is
+            // the realm's; wait for the next allowed refetch rather than lose the set (a rotated refresh token
+            // cannot be asked for again).
+            Err(AuthError::Retry(_)) => {
+                tokio::time::sleep(self.realm.next_refetch_in().await).await;
+                self.realm.verify(access).await
+            }
+            other => other,
+        }
+        .map_err(|e| match e {
+            AuthError::Unavailable | AuthError::Retry(_) => CustodyError::Unavailable,
+            e => CustodyError::LoginFailed(format!("access token: {e}")),
+        })?;
         let refresh: Arc<str> = match (refresh, previous) {
             (Some(r), _) => Arc::from(r),
             (None, Some(p)) => p.refresh_token.clone(),
@@ -339,8 +364,15 @@ impl Custody {
             .unwrap_or(Duration::from_millis(
                 self.config.default_refresh_lifetime_ms,
             ));
+        // The provider's session id, for back-channel logout: an access token need not carry it (RFC 9068's do
+        // not), the ID token does when the provider supports back-channel logout with sessions.
+        let kc_sid = id_token
+            .as_deref()
+            .and_then(id_token_sid)
+            .or_else(|| verified.sid.clone())
+            .or_else(|| previous.and_then(|p| p.kc_sid.clone()));
         Ok(StoredLogin {
-            kc_sid: verified.sid.clone(),
+            kc_sid,
             user: verified.user,
             access_exp: verified.exp,
             access_token: verified.token,
@@ -379,7 +411,7 @@ impl Custody {
             .verify(&stored.access_token)
             .await
             .map_err(|e| match e {
-                AuthError::Unavailable => CustodyError::NotReady,
+                AuthError::Unavailable | AuthError::Retry(_) => CustodyError::NotReady,
                 _ => CustodyError::Rejected,
             })?;
         v.login = Some(Arc::from(login_id));
@@ -445,7 +477,10 @@ impl Custody {
                 Some(stored),
             )
             .await
-            .map_err(|_| CustodyError::Rejected)?;
+            .map_err(|e| match e {
+                CustodyError::Unavailable => e,
+                _ => CustodyError::Rejected,
+            })?;
         if new.user.id != stored.user.id {
             return Err(CustodyError::Rejected);
         }
@@ -453,36 +488,57 @@ impl Custody {
         Ok(new)
     }
 
-    /// RFC 7662: is the token still active at the realm? Answers are cached for `introspection_cache_ms`, so a
-    /// reconnect storm costs one request per token. Unreachable: treated as active (verification already passed).
-    pub async fn introspect(&self, token: &Arc<str>) -> bool {
-        let Some(url) = self
+    /// RFC 7662: is the token still active at the realm? Answers (active or not) are cached for
+    /// `introspection_cache_ms`, so a reconnect storm costs one request per token; failures are not cached.
+    /// `Err` when the realm could not answer (no endpoint, unreachable, a non-2xx status, no boolean `active`):
+    /// logged here, without the token; the caller decides (`introspection_fail_open`).
+    pub async fn introspect(&self, token: &Arc<str>) -> Result<bool, IntrospectionFailed> {
+        let answer = self
+            .introspected
+            .try_get_with(token.clone(), self.ask_introspection(token))
+            .await
+            .map_err(|e: Arc<IntrospectionFailed>| (*e).clone());
+        let result = match &answer {
+            Ok(true) => "active",
+            Ok(false) => "inactive",
+            Err(_) if self.config.introspection_fail_open => "error_fail_open",
+            Err(_) => "error",
+        };
+        if let Err(e) = &answer {
+            tracing::warn!(error = %e, fail_open = self.config.introspection_fail_open, "token introspection failed");
+        }
+        self.metrics.introspections.inc(&[result]);
+        answer
+    }
+
+    async fn ask_introspection(&self, token: &str) -> Result<bool, IntrospectionFailed> {
+        let url = self
             .realm
             .discovery()
             .and_then(|d| d.introspection_endpoint)
-        else {
-            return true;
-        };
-        self.introspected
-            .get_with(token.clone(), async {
-                let resp = self
-                    .http
-                    .post(&url)
-                    .basic_auth(&self.config.client_id, Some(&self.config.client_secret))
-                    .form(&[("token", &**token), ("token_type_hint", "access_token")])
-                    .send()
-                    .await;
-                match resp {
-                    Ok(r) if r.status().is_success() => r
-                        .json::<Value>()
-                        .await
-                        .ok()
-                        .and_then(|v| v.get("active").and_then(Value::as_bool))
-                        .unwrap_or(true),
-                    _ => true,
-                }
-            })
+            .ok_or(IntrospectionFailed(
+                "the discovery document has no introspection_endpoint",
+            ))?;
+        let resp = self
+            .http
+            .post(&url)
+            .basic_auth(&self.config.client_id, Some(&self.config.client_secret))
+            .form(&[("token", token), ("token_type_hint", "access_token")])
+            .send()
             .await
+            .map_err(|_| IntrospectionFailed("the introspection endpoint is unreachable"))?;
+        if !resp.status().is_success() {
+            return Err(IntrospectionFailed(
+                "the introspection endpoint answered an error status",
+            ));
+        }
+        resp.json::<Value>()
+            .await
+            .ok()
+            .and_then(|v| v.get("active").and_then(Value::as_bool))
+            .ok_or(IntrospectionFailed(
+                "the introspection answer has no boolean active",
+            ))
     }
 
     /// Drops a login and returns where to send the browser for the realm's logout (RP-initiated logout).
@@ -591,7 +647,18 @@ impl Custody {
                 dropped.push((login_id, s));
             }
         }
-        tracing::info!(logins = dropped.len(), "back-channel logout");
+        if dropped.is_empty() {
+            // Not an error for the provider (the login may have ended here first), but a logout token that matches
+            // nothing may also be a login tabhub cannot match (no sid kept): worth seeing. Never the token, nor
+            // the session id.
+            tracing::warn!(
+                by_sid = claims.sid.is_some(),
+                user = claims.sub.as_deref().unwrap_or(""),
+                "back-channel logout matched no login"
+            );
+        } else {
+            tracing::info!(logins = dropped.len(), "back-channel logout");
+        }
         Ok(dropped)
     }
 }

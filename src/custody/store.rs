@@ -10,7 +10,8 @@ use tabhub_commands::{BoxFuture, User};
 #[derive(Clone)]
 pub struct StoredLogin {
     pub user: User,
-    /// Keycloak's session id (`sid`), for back-channel logout.
+    /// The provider's session id (`sid`, Keycloak's session), for back-channel logout: from the login's ID token,
+    /// else its access token. Never logged.
     pub kc_sid: Option<String>,
     pub access_token: Arc<str>,
     /// Access-token expiry, seconds since the Unix epoch.
@@ -44,13 +45,16 @@ pub trait TokenStore: Send + Sync {
     ) -> BoxFuture<'a, Vec<String>>;
 }
 
-/// Back-channel logout: with a Keycloak session id, the logins made in that Keycloak session (of that user, if `sub`
-/// is given too); with only `sub`, every login of the user.
+/// Back-channel logout: with a session id, the logins made in that provider session (of that user, if `sub` is
+/// given too); with only `sub`, every login of the user. A login that kept no session id (its provider put none in
+/// its tokens) is matched by `sub` alone: logging out too many of one user's logins beats leaving one open.
 pub fn matches_logout(s: &StoredLogin, kc_sid: Option<&str>, sub: Option<&str>) -> bool {
-    match (kc_sid, sub) {
-        (Some(k), sub) => s.kc_sid.as_deref() == Some(k) && sub.is_none_or(|u| s.user.id == u),
-        (None, Some(u)) => s.user.id == u,
-        (None, None) => false,
+    let same_user = |u: &str| s.user.id == u;
+    match (kc_sid, sub, s.kc_sid.as_deref()) {
+        (Some(k), sub, Some(own)) => own == k && sub.is_none_or(same_user),
+        (Some(_), sub, None) => sub.is_some_and(same_user),
+        (None, Some(u), _) => same_user(u),
+        (None, None, _) => false,
     }
 }
 
@@ -110,5 +114,46 @@ impl TokenStore for MemoryStore {
                 .map(|(k, _)| (*k).clone())
                 .collect()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn login(user: &str, sid: Option<&str>) -> StoredLogin {
+        StoredLogin {
+            user: User {
+                id: user.into(),
+                name: user.into(),
+            },
+            kc_sid: sid.map(str::to_owned),
+            access_token: Arc::from("a"),
+            access_exp: 0,
+            refresh_token: Arc::from("r"),
+            refresh_expires: Instant::now(),
+            id_token: None,
+        }
+    }
+
+    #[test]
+    fn logout_matches_by_session_then_by_user() {
+        let with_sid = login("u1", Some("s1"));
+        assert!(matches_logout(&with_sid, Some("s1"), Some("u1")));
+        assert!(matches_logout(&with_sid, Some("s1"), None));
+        assert!(
+            !matches_logout(&with_sid, Some("s2"), Some("u1")),
+            "another session of the user"
+        );
+        assert!(!matches_logout(&with_sid, Some("s1"), Some("u2")));
+        assert!(matches_logout(&with_sid, None, Some("u1")));
+        assert!(!matches_logout(&with_sid, None, None));
+        let without_sid = login("u1", None);
+        assert!(
+            matches_logout(&without_sid, Some("s1"), Some("u1")),
+            "by sub when no sid was kept"
+        );
+        assert!(!matches_logout(&without_sid, Some("s1"), None));
+        assert!(!matches_logout(&without_sid, Some("s1"), Some("u2")));
     }
 }

@@ -2,10 +2,11 @@
 //!
 //! Body: one message `{"target": {"user": "<sub>"} | {"topic": "/events/..."} | {"broadcast": true}, "type": "...",
 //! "data": {...}}`, or a batch `{"messages": [ ... ]}` delivered in order. Authentication: `Authorization: Bearer`
-//! with a client-credentials token of a client in `publish.clients` (verified with the realm's keys like any token),
-//! or the static `publish.shared_secret`. Answers: 200 `{"published": n, "ids": [...]}`; 400 naming the problem;
-//! 401 without valid credentials; 403 for a client not allowed to publish; 413 beyond `publish.max_body_bytes`;
-//! 503 when the broker is unavailable.
+//! with a client-credentials access token of a client in `publish.clients` (verified like any token), or the static
+//! `publish.shared_secret`. Answers: 200 `{"published": n, "ids": [...]}`; 400 naming the problem; 401 without
+//! valid credentials; 403 for a client not allowed to publish; 413 beyond `publish.max_body_bytes`; 503 (with
+//! `Retry-After`) when the broker is unavailable, or the token cannot be checked now (keys not loaded, a signing key
+//! newer than the last key fetch).
 
 use std::sync::Arc;
 
@@ -20,6 +21,8 @@ use serde_json::{json, Value};
 use tabhub_commands::Topic;
 
 use crate::app::App;
+use crate::auth::kind::Refusal;
+use crate::auth::verify::VerifyError;
 use crate::auth::AuthError;
 use crate::protocol;
 use crate::publish::message::{new_id, Message, Target};
@@ -43,14 +46,9 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-#[derive(Deserialize)]
-struct PublisherClaims {
-    #[serde(default)]
-    azp: Option<String>,
-    #[serde(default)]
-    typ: Option<String>,
-}
-
+/// A publisher's credentials: the shared secret, or an access token of a client in `publish.clients`, verified as
+/// every token is (signature, claims, and the rule of `crate::auth::kind`: a Keycloak service account's token and
+/// a standard RFC 9068 client-credentials token alike; never an ID token).
 async fn authorize(app: &App, headers: &HeaderMap) -> Result<(), Response> {
     let token = crate::auth::credential::bearer(headers)
         .ok_or_else(|| error(StatusCode::UNAUTHORIZED, "missing bearer credentials"))?;
@@ -58,26 +56,24 @@ async fn authorize(app: &App, headers: &HeaderMap) -> Result<(), Response> {
     if !secret.is_empty() && same(token.as_bytes(), secret.as_bytes()) {
         return Ok(());
     }
-    let claims: PublisherClaims =
-        app.realm
-            .verify_jwt(token, |_| {})
-            .await
-            .map_err(|e| match e {
-                AuthError::Unavailable => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
-                _ => error(StatusCode::UNAUTHORIZED, &e.to_string()),
-            })?;
-    if claims.typ.as_deref() != Some("Bearer") {
-        return Err(error(
-            StatusCode::UNAUTHORIZED,
-            "not an access token (typ must be Bearer)",
-        ));
-    }
-    match claims.azp {
-        Some(azp) if app.config.publish.clients.contains(&azp) => Ok(()),
-        _ => Err(error(
+    match app
+        .realm
+        .verify_access(token, &app.config.publish.clients)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(VerifyError::Refused(Refusal::OtherClient)) => Err(error(
             StatusCode::FORBIDDEN,
             "this client is not allowed to publish",
         )),
+        Err(VerifyError::Refused(r)) => Err(error(StatusCode::UNAUTHORIZED, r.message())),
+        Err(VerifyError::Auth(e @ (AuthError::Unavailable | AuthError::Retry(_)))) => {
+            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            Err(r)
+        }
+        Err(VerifyError::Auth(e)) => Err(error(StatusCode::UNAUTHORIZED, &e.to_string())),
     }
 }
 

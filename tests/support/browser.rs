@@ -45,6 +45,18 @@ impl Browser {
         r
     }
 
+    /// `POST url` with a form body and the jar's cookies for its path; keeps the answer's cookies.
+    pub async fn post_form(&self, url: &str, form: &[(&str, &str)]) -> reqwest::Response {
+        let path = reqwest::Url::parse(url).unwrap().path().to_owned();
+        let mut req = self.http.post(url).form(form);
+        if let Some(cookies) = self.cookie_header(&path) {
+            req = req.header("cookie", cookies);
+        }
+        let r = req.send().await.unwrap();
+        self.keep(&r);
+        r
+    }
+
     /// The `Cookie` header the jar sends to `path`, if any.
     pub fn cookie_header(&self, path: &str) -> Option<String> {
         let jar = self.jar.lock().unwrap();

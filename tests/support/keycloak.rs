@@ -47,9 +47,13 @@ pub struct TokenSpec {
     /// Seconds from now (negative: already expired).
     pub exp_in: i64,
     pub nbf_in: Option<i64>,
+    /// The JOSE header's `typ` (`at+jwt` for an RFC 9068 access token); `None`: jsonwebtoken's `JWT`.
+    pub header_typ: Option<String>,
     /// Claims set last, over the ones above: anything a forger may put in a token (`iss` as an array, an absurd
     /// `exp`...).
     pub claims: serde_json::Map<String, Value>,
+    /// Claims taken out last.
+    pub removed: Vec<String>,
 }
 
 impl TokenSpec {
@@ -64,17 +68,39 @@ impl TokenSpec {
             typ: "Bearer".into(),
             exp_in: 300,
             nbf_in: None,
+            header_typ: None,
             claims: serde_json::Map::new(),
+            removed: Vec::new(),
         }
     }
     /// Sets `name` to `value` in the claims, whatever the other fields say.
     pub fn claim(mut self, name: &str, value: Value) -> Self {
+        self.removed.retain(|n| n != name);
         self.claims.insert(name.into(), value);
         self
     }
     pub fn exp_in(mut self, s: i64) -> Self {
         self.exp_in = s;
         self
+    }
+    /// Removes claim `name` (`typ`, `azp`...), whatever the other fields say.
+    pub fn without(mut self, name: &str) -> Self {
+        self.claims.remove(name);
+        self.removed.push(name.into());
+        self
+    }
+    /// An RFC 9068 access token of `client`: `typ` header `at+jwt`, no `typ` claim, the client in `client_id`
+    /// (no `azp`), `aud` a resource server.
+    pub fn rfc9068(user: &str, client: &str) -> Self {
+        TokenSpec {
+            header_typ: Some("at+jwt".into()),
+            aud: json!("https://tabhub.example"),
+            ..TokenSpec::user(user)
+        }
+        .without("typ")
+        .without("azp")
+        .claim("client_id", json!(client))
+        .claim("scope", json!("openid profile"))
     }
     pub fn key(mut self, file: &str, kid: &str) -> Self {
         self.key = file.into();
@@ -215,6 +241,11 @@ impl Keycloak {
         for (name, value) in &spec.claims {
             claims[name] = value.clone();
         }
+        if let Some(c) = claims.as_object_mut() {
+            for name in &spec.removed {
+                c.remove(name);
+            }
+        }
         match spec.key.as_str() {
             "none" => {
                 let b64 = |v: &Value| {
@@ -253,6 +284,9 @@ impl Keycloak {
                 };
                 let mut h = Header::new(alg);
                 h.kid = spec.kid.clone();
+                if let Some(typ) = &spec.header_typ {
+                    h.typ = Some(typ.clone());
+                }
                 jsonwebtoken::encode(&h, &claims, &key).unwrap()
             }
         }
