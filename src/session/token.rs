@@ -164,7 +164,9 @@ pub(crate) async fn watch_expiry<H: TokenHolder>(
                 continue;
             }
             Step::Refresh => {
-                if h.clone().refresh(current.clone()).await {
+                // Boxed, like `expire` below: an HTTP refresh's state inline made every session's watcher task
+                // 16 KiB, most of a user's memory, for a call that happens once per token lifetime.
+                if Box::pin(h.clone().refresh(current.clone())).await {
                     refresh_backoff.reset();
                     continue;
                 }
@@ -175,7 +177,7 @@ pub(crate) async fn watch_expiry<H: TokenHolder>(
                     .min(left)
             }
             Step::Expire => {
-                h.expire(current).await;
+                Box::pin(h.expire(current)).await;
                 if token.changed().await.is_err() {
                     return;
                 }
