@@ -16,6 +16,7 @@ mod drain;
 mod env;
 mod error;
 mod gitlab;
+mod hooks;
 mod http;
 mod limits;
 mod log;
@@ -36,7 +37,8 @@ pub use custody::CustodyConfig;
 pub use drain::DrainConfig;
 pub use env::{CLIENT_ENV_PREFIX, CONNECT_TOKEN_ENV};
 pub use error::ConfigError;
-pub use gitlab::GitlabConfig;
+pub use gitlab::{GitlabConfig, GitlabSource};
+pub use hooks::{AccessConfig, HooksConfig};
 pub use http::HttpConfig;
 pub use limits::LimitsConfig;
 pub use log::{LogConfig, LogFormat};
@@ -65,6 +67,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub drain: DrainConfig,
     pub gitlab: GitlabConfig,
+    pub hooks: HooksConfig,
+    pub access: AccessConfig,
     pub custody: CustodyConfig,
     pub publish: PublishConfig,
     pub broker: BrokerConfig,
@@ -90,6 +94,8 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             drain: DrainConfig::default(),
             gitlab: GitlabConfig::default(),
+            hooks: HooksConfig::default(),
+            access: AccessConfig::default(),
             custody: CustodyConfig::default(),
             publish: PublishConfig::default(),
             broker: BrokerConfig::default(),
@@ -149,6 +155,8 @@ impl Config {
         self.http.validate()?;
         self.metrics.validate()?;
         self.gitlab.validate()?;
+        self.hooks.validate(&self.websocket.paths)?;
+        self.access.validate()?;
         self.broker.validate()?;
         self.publish.validate()?;
         self.custody.validate(&self.auth)?;
