@@ -495,3 +495,48 @@ async fn through_redis_a_webhook_to_one_instance_reaches_tabs_on_the_other_and_a
     .collect();
     assert_eq!(ids, ["3", "4", "5", "6"], "no gap, no repeat");
 }
+
+#[tokio::test]
+async fn a_backend_that_cannot_answer_refuses() {
+    let s = setup_with(|c| {
+        // Nothing listens there: the access check gets no answer.
+        c.backends
+            .insert("gitlab".into(), "http://127.0.0.1:9".into());
+    })
+    .await;
+    let mut a = s.tab("alice").await;
+    let r = subscribe(&mut a, "/project/42/push", None).await;
+    assert_eq!(r["type"], "subscriptionError", "{r}");
+    assert_eq!(r["data"]["status"], 503);
+    let m = metrics(&s.t).await;
+    assert!(
+        metric(
+            &m,
+            "tabhub_access_checks_total{outcome=\"unavailable\",source=\"backend\"}"
+        ) >= 1.0
+    );
+}
+
+#[tokio::test]
+async fn with_redis_down_deliveries_are_refused_503_then_flow_again() {
+    let kc = Keycloak::start().await;
+    let (_gitlab, base) = support::gitlab(100).await;
+    let mut redis = RedisServer::start();
+    let port = redis.port;
+    let a = redis_instance(&kc, &base, &redis, "a").await;
+    let mut tab = Client::connect(&support::ws_url(&a), &kc.token("alice")).await;
+    subscribed(&mut tab, "/project/42/push", None).await;
+    let sender = Sender::new(&hook_url(&a), SECRET);
+    redis.stop();
+    let d1 = webhooks::payload("push", 42, 1).unwrap();
+    // GitLab retries a 5xx: nothing is answered 2xx and then lost.
+    support::eventually_async("503 while Redis is down", || async {
+        sender.post(&d1, Some("d1")).await == Ok(503)
+    })
+    .await;
+    let _redis = RedisServer::start_on(port);
+    support::eventually("the broker back", || a.app().broker.state() == "up").await;
+    assert_eq!(sender.post(&d1, Some("d1")).await, Ok(200));
+    let (_, id, payload) = next_event(&mut tab).await;
+    assert_eq!((id.as_str(), payload), ("1", d1.body));
+}
