@@ -6,7 +6,7 @@
 //!
 //! - memory broker: in this process ([`History::append_local`]), one lock per project held while the event is
 //!   delivered, so every tab sees a project's events in id order;
-//! - Redis: one script ([`APPEND`]) drops a delivery seen before (`SET NX PX`), takes the project's next id
+//! - Redis: one script ([`APPEND`]) drops a delivery seen before (its key, `SET PX`), takes the project's next id
 //!   (`INCR`), appends to the project's stream (`XADD ... MAXLEN ~ hooks.history_events`) and publishes the event on
 //!   the broker channel, atomically: every instance receives a project's events in id order. A replay reads the
 //!   stream (`XRANGE`).
@@ -82,8 +82,10 @@ pub enum HistoryError {
 
 /// The Redis side of [`History`]: appends and publishes an event once per delivery key. Returns the id, or 0 for a
 /// delivery seen before. A counter lost while its stream lived on (eviction) resumes after the stream's last id.
+/// The delivery key is set last: a script is atomic for other clients but a failed command does not undo the
+/// earlier ones, so a delivery that failed half-way is not taken for a duplicate when GitLab retries it.
 pub const APPEND: &str = r"
-if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local n = redis.call('INCR', KEYS[3])
 local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
 if #last > 0 then
@@ -94,6 +96,7 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '0-' .. n, 'e', ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 redis.call('PEXPIRE', KEYS[3], ARGV[3])
 redis.call('PUBLISH', ARGV[5], 'H' .. n .. ' ' .. ARGV[4])
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
 return n
 ";
 
