@@ -60,7 +60,12 @@ impl App {
             hub: hub.clone(),
             services: services.clone(),
         });
-        let broker = Broker::new(&services.config.broker, delivery, services.metrics.clone());
+        let broker = Broker::new(
+            &services.config.broker,
+            delivery,
+            services.history.clone(),
+            services.metrics.clone(),
+        );
         let limits = &services.config.limits;
         Ok(Arc::new(App {
             upgrades: PerAddress::new(

@@ -123,6 +123,18 @@ pub struct Backends {
     metrics: Arc<Metrics>,
 }
 
+/// The configured backends, plus `gitlab` = `gitlab.url` unless `[backends]` names it: where the webhook source's
+/// access checks go by default.
+fn bases(config: &Config) -> BTreeMap<String, String> {
+    let mut bases = config.backends.clone();
+    if !config.gitlab.url.is_empty() {
+        bases
+            .entry("gitlab".into())
+            .or_insert_with(|| config.gitlab.url.clone());
+    }
+    bases
+}
+
 impl Backends {
     pub fn new(config: &Config, metrics: Arc<Metrics>) -> Result<Backends, reqwest::Error> {
         let http = reqwest::Client::builder()
@@ -134,7 +146,7 @@ impl Backends {
         let min_users = b.outage_min_users.max(1) as usize;
         Ok(Backends {
             http,
-            bases: config.backends.clone(),
+            bases: bases(config),
             state: Mutex::new(HashMap::new()),
             calls: moka::sync::Cache::builder()
                 .max_capacity(MAX_CALL_BACKOFFS)

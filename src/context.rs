@@ -2,7 +2,7 @@
 //! message and of the user's session. Loop functions see the session itself (it implements
 //! [`LoopContext`](tabhub_commands::LoopContext)).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use serde_json::{json, Value};
@@ -11,10 +11,14 @@ use tabhub_commands::{
     Notification, SessionData, SetOutcome, Topic, User,
 };
 
+use crate::access::Verdict;
 use crate::clock::now_unix;
+use crate::config::GitlabSource;
 use crate::protocol;
 use crate::services::Services;
+use crate::session::hooks::HookRefusal;
 use crate::session::{Session, SubscribeReply};
+use crate::subscriptions::SubscribeError;
 use crate::tab::Tab;
 
 pub struct TabContext<'a> {
@@ -104,39 +108,65 @@ impl Context for TabContext<'_> {
         })
     }
 
-    fn subscribe(
-        &self,
-        topic: &Topic,
-        last_event_id: Option<&str>,
+    fn subscribe<'a>(
+        &'a self,
+        topic: &'a Topic,
+        last_event_id: Option<&'a str>,
         reply: Option<Notification>,
-    ) -> Result<bool, CommandError> {
-        let reply = reply.map(|note| SubscribeReply { note, id: self.id });
-        let services = self.services();
-        let refused = |why: String| CommandError::failed(format!("{topic}: {why}"));
-        if let Topic::Channel(name) = topic {
-            let publish = &services.config.publish;
-            if !publish.allows_channel(name) {
-                return Err(refused(format!(
-                    "not a project topic nor in a publish namespace ({})",
-                    publish.namespaces.join(", ")
-                )));
+    ) -> BoxFuture<'a, Result<bool, CommandError>> {
+        Box::pin(async move {
+            let reply = reply.map(|note| SubscribeReply { note, id: self.id });
+            let services = self.services();
+            let refused = |why: String| CommandError::failed(format!("{topic}: {why}"));
+            if let Topic::Channel(name) = topic {
+                let publish = &services.config.publish;
+                if !publish.allows_channel(name) {
+                    return Err(refused(format!(
+                        "not a project topic nor in a publish namespace ({})",
+                        publish.namespaces.join(", ")
+                    )));
+                }
+                let Some(buffer) = services.channels.buffer(name) else {
+                    return Err(refused(
+                        "too many publish channels on this server (publish.max_buffered_topics)"
+                            .into(),
+                    ));
+                };
+                return self
+                    .session
+                    .subscribe_channel(self.tab, topic, last_event_id, reply, &buffer)
+                    .map_err(|e| refused(e.to_string()));
             }
-            let Some(buffer) = services.channels.buffer(name) else {
-                return Err(refused(
-                    "too many publish channels on this server (publish.max_buffered_topics)".into(),
-                ));
-            };
-            return self
+            if services.config.gitlab.url.is_empty() {
+                return Err(refused(NO_GITLAB.into()));
+            }
+            if services.config.gitlab.source == GitlabSource::Sse {
+                return self
+                    .session
+                    .subscribe(self.tab, topic, last_event_id, reply)
+                    .map_err(|e| refused(e.to_string()));
+            }
+            match self
                 .session
-                .subscribe_channel(self.tab, topic, last_event_id, reply, &buffer)
-                .map_err(|e| refused(e.to_string()));
-        }
-        if services.config.gitlab.url.is_empty() {
-            return Err(refused(NO_GITLAB.into()));
-        }
-        self.session
-            .subscribe(self.tab, topic, last_event_id, reply)
-            .map_err(|e| refused(e.to_string()))
+                .subscribe_hooked(self.tab, topic, last_event_id, reply)
+                .await
+            {
+                Ok(added) => Ok(added),
+                Err(HookRefusal::Limit(e)) => Err(refused(e.to_string())),
+                Err(HookRefusal::Access(status, message)) => {
+                    // As the SSE source says it when GitLab refuses a stream; the request's id echoed.
+                    let data =
+                        json!({"topic": topic.to_string(), "status": status, "message": message});
+                    self.tab.send(protocol::encode_scoped(
+                        "topic",
+                        "subscriptionError",
+                        &data,
+                        self.id,
+                    ));
+                    Ok(false)
+                }
+            }
+        })
     }
 
     fn unsubscribe(&self, topic: &Topic) -> bool {
@@ -147,36 +177,81 @@ impl Context for TabContext<'_> {
         self.session.topics_of(self.tab)
     }
 
-    fn set_subscriptions(&self, wanted: &BTreeSet<Topic>) -> SetOutcome {
-        let projects = !self.services().config.gitlab.url.is_empty();
-        let changes = self.session.set_topics(self.tab, wanted, projects);
-        let refused =
-            |t: &Topic, why: &dyn std::fmt::Display| CommandError::failed(format!("{t}: {why}"));
-        let mut failed: Vec<(Topic, CommandError)> = changes
-            .refused
-            .into_iter()
-            .map(|(t, e)| {
+    fn set_subscriptions<'a>(&'a self, wanted: &'a BTreeSet<Topic>) -> BoxFuture<'a, SetOutcome> {
+        Box::pin(async move {
+            let config = &self.services().config;
+            let projects = !config.gitlab.url.is_empty();
+            let refused = |t: &Topic, why: &dyn std::fmt::Display| {
+                CommandError::failed(format!("{t}: {why}"))
+            };
+            let mut failed: Vec<(Topic, CommandError)> = Vec::new();
+            // Webhook source: the new projects' access is checked first, as the user, outside the session's lock.
+            let hooked = if projects && config.gitlab.source == GitlabSource::Webhook {
+                let current: BTreeSet<Topic> = self.subscriptions().into_iter().collect();
+                let new_projects: BTreeSet<&str> = wanted
+                    .difference(&current)
+                    .filter_map(Topic::project_id)
+                    .collect();
+                let mut levels = HashMap::new();
+                // At most the per-user project limit is checked per command: beyond it, set_topics refuses by the
+                // limit anyway, and one command must not cost the backend a call per project named in it.
+                let cap = config.gitlab.max_projects_per_user;
+                for (i, p) in new_projects.into_iter().enumerate() {
+                    if i >= cap {
+                        let why = SubscribeError::TooManyProjects(cap);
+                        for t in wanted
+                            .difference(&current)
+                            .filter(|t| t.project_id() == Some(p))
+                        {
+                            failed.push((t.clone(), refused(t, &why)));
+                        }
+                        continue;
+                    }
+                    match self.session.check_access(p).await {
+                        Verdict::Allowed { level } => {
+                            levels.insert(p.to_owned(), level);
+                        }
+                        v => {
+                            let (status, message) = v.refusal().unwrap_or((403, "refused"));
+                            for t in wanted
+                                .difference(&current)
+                                .filter(|t| t.project_id() == Some(p))
+                            {
+                                let why = format!("{message} ({status})");
+                                failed.push((t.clone(), refused(t, &why)));
+                            }
+                        }
+                    }
+                }
+                Some(levels)
+            } else {
+                None
+            };
+            let changes = self
+                .session
+                .set_topics(self.tab, wanted, projects, hooked.as_ref());
+            failed.extend(changes.refused.into_iter().map(|(t, e)| {
                 let e = refused(&t, &e);
                 (t, e)
-            })
-            .chain(changes.unavailable.into_iter().map(|t| {
+            }));
+            failed.extend(changes.unavailable.into_iter().map(|t| {
                 let e = refused(&t, &NO_GITLAB);
                 (t, e)
-            }))
-            .collect();
-        let mut added = changes.added;
-        for t in changes.channels {
-            match self.subscribe(&t, None, None) {
-                Ok(true) => added.push(t),
-                Ok(false) => {}
-                Err(e) => failed.push((t, e)),
+            }));
+            let mut added = changes.added;
+            for t in changes.channels {
+                match self.subscribe(&t, None, None).await {
+                    Ok(true) => added.push(t),
+                    Ok(false) => {}
+                    Err(e) => failed.push((t, e)),
+                }
             }
-        }
-        SetOutcome {
-            removed: changes.removed,
-            added,
-            failed,
-        }
+            SetOutcome {
+                removed: changes.removed,
+                added,
+                failed,
+            }
+        })
     }
 }
 

@@ -4,14 +4,16 @@
 //! `tabhub-fixtures` crate (re-exported here), which a `--no-default-features` build leaves out altogether:
 //!
 //! - [`issuer`]: a development issuer shaped like a Keycloak realm at `/realms/demo`;
-//! - [`gitlab`]: a fixture GitLab streaming project events over SSE, with knobs to make it misbehave;
+//! - [`gitlab`]: a fixture GitLab posting webhook deliveries to the demo's receiver (`gitlab.source = "webhook"`)
+//!   and answering the access checks; it can also stream events over SSE (`tabhub demo --gitlab-url`, the browser
+//!   tests' separate fixture process);
 //! - [`gateway`]: a fixture Renku gateway (sessions, KG activation, UI version) at `/gateway`, whose sessions and
 //!   activations move on their own;
 //!
 //! What needs the engine stays here: the demo [`config`], the gateway's routes carrying tabhub's version
 //! ([`backends`]) and the demo page ([`page_router`]). The fixture crate itself knows nothing of the engine.
 
-pub use tabhub_fixtures::{gateway, gitlab, issuer};
+pub use tabhub_fixtures::{gateway, gitlab, issuer, webhooks};
 pub use tabhub_fixtures::{
     gitlab_router, DevIssuer, CLIENT_ID, CUSTODY_CLIENT, CUSTODY_SECRET, DEMO_PROJECTS, USERS,
 };
@@ -23,6 +25,19 @@ use crate::config::Config;
 
 /// Where the demo serves its fixture gateway, under the listener's base URL.
 pub const GATEWAY_PREFIX: &str = "/gateway";
+
+/// The demo's webhook secret (`hooks.secrets`): public, like everything in the demo.
+pub const HOOK_SECRET: &str = "demo-webhook-secret-not-secret";
+
+/// The demo's embedded fixture GitLab, to merge into the listener's routes: it posts a webhook delivery on a demo
+/// project every second or two to the demo's receiver at `base` + `hooks.path`, and answers the access checks (every
+/// demo user is a Developer of every project). Call it inside the runtime.
+pub fn gitlab_webhooks(config: &Config) -> axum::Router {
+    let g = gitlab::FixtureGitlab::new(gitlab::GitlabOptions::default());
+    let receiver = format!("{}{}", config.gitlab.url, config.hooks.path);
+    g.start_webhook_ticker(&receiver, HOOK_SECRET, DEMO_PROJECTS);
+    g.router()
+}
 
 /// How often the demo gateway's sessions and KG activations move.
 pub const DEMO_TICK: Duration = Duration::from_secs(3);
@@ -59,6 +74,9 @@ pub fn config(addr: SocketAddr) -> Config {
     c.custody.post_logout_redirect_uri = format!("{base}/");
     c.custody.cookie_secure = false;
     c.gitlab.url = base.clone();
+    // GitLab's way: webhooks to the receiver, access checked as each user at the fixture GitLab's project API.
+    c.gitlab.source = crate::config::GitlabSource::Webhook;
+    c.hooks.secrets = vec![HOOK_SECRET.into()];
     c.backends
         .insert("gateway".into(), format!("{base}{GATEWAY_PREFIX}"));
     c.commands.insert(

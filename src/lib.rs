@@ -12,13 +12,15 @@
 //! - `app`: the container built last (hub, registry, broker, limits, `services`);
 //! - `hub`: user -> session; `session`: membership and fan-out, `token`, `streams`, `loops`; `context`: what
 //!   a command handler sees; `publish`: broker, delivery, channels;
-//! - `services`: configuration, metrics, realm, `backends`, channels, `upstream` client, `custody`;
+//! - `services`: configuration, metrics, realm, `backends`, channels, `upstream` client, `custody`, and the
+//!   webhook source's `access` checks, event `history` and `watchers`; `hooks`: webhook deliveries parsed;
 //! - leaves: `tab` (bounded queue and writer), `protocol`, `close_codes`, `subscriptions` (bookkeeping),
 //!   `config`, `metrics`, `rate`, `backoff`, `clock`, `client_assets`;
 //! - `demo` (default feature `demo` only): `tabhub demo`'s setup on the fixtures crate.
 //!
 //! Only what the binary and the integration tests need is public.
 
+pub(crate) mod access;
 pub mod app;
 pub mod auth;
 pub(crate) mod backends;
@@ -34,6 +36,8 @@ pub(crate) mod custody;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub(crate) mod handshake;
+pub(crate) mod history;
+pub(crate) mod hooks;
 pub(crate) mod hub;
 pub(crate) mod metrics;
 pub(crate) mod profile;
@@ -48,6 +52,7 @@ pub(crate) mod session;
 pub(crate) mod subscriptions;
 pub(crate) mod tab;
 pub(crate) mod upstream;
+pub(crate) mod watchers;
 
 pub use config::Config;
 pub use server::{start, Running};

@@ -37,7 +37,8 @@ enum Command {
     Demo {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
-        /// Use this GitLab (e.g. a `tabhub-fixtures` process) instead of the embedded fixture GitLab.
+        /// Use this GitLab (e.g. a `tabhub-fixtures` process) instead of the embedded fixture GitLab, through its SSE
+        /// streams (the browser tests restart tabhub under it: its event ids outlive tabhub).
         #[arg(long, hide = true)]
         gitlab_url: Option<String>,
     },
@@ -187,9 +188,10 @@ async fn run_demo(listen: SocketAddr, gitlab_url: Option<String>) -> Result<(), 
     let gitlab = match gitlab_url {
         Some(url) => {
             config.gitlab.url = url;
+            config.gitlab.source = tabhub::config::GitlabSource::Sse;
             axum::Router::new()
         }
-        None => demo::gitlab_router(),
+        None => demo::gitlab_webhooks(&config),
     };
     eprintln!(
         "\n  tabhub demo: FOR DEVELOPMENT ONLY (public fixture keys, passwords = user names)\n\n  \
@@ -197,7 +199,7 @@ async fn run_demo(listen: SocketAddr, gitlab_url: Option<String>) -> Result<(), 
          {issuer}/protocol/openid-connect/token\n  \
          websocket: ws://{host}/ws  (Authorization: Bearer <access_token>, or subprotocols [\"tabhub\", \"tabhub.bearer.<access_token>\"])\n  \
          client:    cargo run --release -- connect --user alice     (in another terminal; type {{\"type\":\"ping\"}})\n  \
-         events:    {{\"type\":\"subscribe\",\"data\":{{\"topic\":\"/project/1/push\"}}}}   (demo projects 1, 2, 3; types push, pipeline, merge_request, issue)\n  \
+         events:    {{\"type\":\"subscribe\",\"data\":{{\"topic\":\"/project/1/push\"}}}}   (demo projects 1, 2, 3; GitLab webhooks push, tag_push, issue, note, merge_request, pipeline, build)\n  \
          loops:     {{\"type\":\"pullSessionStatusV2\"}}  {{\"type\":\"pullKgActivationStatus\",\"data\":{{\"projects\":[1,2,3,4]}}}}\n",
         cid = demo::CLIENT_ID,
         issuer = issuer.issuer(),

@@ -84,8 +84,57 @@ fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// A histogram over fixed bucket bounds (cumulative on render), for counts such as a webhook event's fan-out.
+pub struct Histogram {
+    bounds: &'static [u64],
+    buckets: Vec<AtomicU64>,
+    sum: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    pub fn new(bounds: &'static [u64]) -> Histogram {
+        Histogram {
+            bounds,
+            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            sum: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, v: u64) {
+        if let Some(i) = self.bounds.iter().position(|b| v <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum.fetch_add(v, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    pub fn sum(&self) -> u64 {
+        self.sum.load(Ordering::Relaxed)
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (b, n) in self.bounds.iter().zip(&self.buckets) {
+            cumulative += n.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+        }
+        let count = self.count();
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {}\n{name}_count {count}", self.sum());
+    }
+}
+
+/// Bounds of [`Metrics::hook_fanout`]: tabs one webhook event reached on this instance.
+pub const FANOUT_BOUNDS: &[u64] = &[0, 1, 10, 100, 1_000, 10_000];
+
 /// Every metric of the process.
-#[derive(Default)]
 pub struct Metrics {
     pub tabs: Gauge,
     pub sessions: Gauge,
@@ -126,6 +175,53 @@ pub struct Metrics {
     pub http_pending: Gauge,
     /// HTTP connections the server closed or refused, by reason (see [`HTTP_CLOSE_REASONS`]).
     pub http_closed: Family,
+    /// Webhook deliveries received, by `kind` (`object_kind`; `other` for a kind GitLab does not document, `unknown`
+    /// before the body is read) and outcome: `accepted` (given an id and delivered), `duplicate` (a retry,
+    /// delivered before), `unauthorized` (no or a wrong `X-Gitlab-Token`: 401), `malformed` (400), `too_large`
+    /// (413), `ignored` (well-formed but naming no project: 2xx, nothing to deliver), `unavailable` (the broker
+    /// could not take it).
+    pub hook_deliveries: Family,
+    /// Tabs each webhook event reached on this instance.
+    pub hook_fanout: Histogram,
+    /// Access checks (webhook source) by outcome (`allowed`, `refused`, `unavailable`) and source (`backend`,
+    /// `cached`).
+    pub access_checks: Family,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            tabs: Gauge::default(),
+            sessions: Gauge::default(),
+            lingering_sessions: Gauge::default(),
+            upstream_streams: Gauge::default(),
+            handshakes: Family::default(),
+            closes: Family::default(),
+            commands: Family::default(),
+            loop_iterations: Family::default(),
+            loop_seconds: Family::default(),
+            loop_skipped_ticks: Family::default(),
+            loop_errors: Family::default(),
+            backend_calls: Family::default(),
+            messages_queued: Counter::default(),
+            outbound_queued: Gauge::default(),
+            messages_delivered: Counter::default(),
+            messages_dropped: Counter::default(),
+            idle_drops: Counter::default(),
+            slow_consumers: Family::default(),
+            token_refreshes: Family::default(),
+            introspections: Family::default(),
+            broker_up: Gauge::default(),
+            broker_is_redis: std::sync::atomic::AtomicBool::default(),
+            published: Family::default(),
+            publish_requests: Family::default(),
+            http_pending: Gauge::default(),
+            http_closed: Family::default(),
+            hook_deliveries: Family::default(),
+            hook_fanout: Histogram::new(FANOUT_BOUNDS),
+            access_checks: Family::default(),
+        }
+    }
 }
 
 /// Why the server closed an HTTP connection that was not a tab: `header_timeout` (a request's headers did not
@@ -326,6 +422,25 @@ impl Metrics {
             "HTTP connections (not tabs) closed or refused by the server, by reason.",
             "counter",
             &["reason"],
+        );
+        self.hook_deliveries.render(
+            &mut out,
+            "tabhub_hook_deliveries_total",
+            "Webhook deliveries received, by kind and outcome.",
+            "counter",
+            &["kind", "outcome"],
+        );
+        self.hook_fanout.render(
+            &mut out,
+            "tabhub_hook_fanout_tabs",
+            "Tabs each webhook event reached on this instance.",
+        );
+        self.access_checks.render(
+            &mut out,
+            "tabhub_access_checks_total",
+            "Project access checks (webhook source), by outcome and source.",
+            "counter",
+            &["outcome", "source"],
         );
         out
     }

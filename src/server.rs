@@ -167,6 +167,11 @@ pub async fn start(
         .with_state(app.clone());
     // Token custody's `/auth/*` routes exist only when it is enabled.
     let custody_routes = app.custody.clone().map(crate::routes::custody::router);
+    // The webhook receiver exists only with a secret to check.
+    let hook_routes = match app.config.hooks.secrets.is_empty() {
+        true => Router::new(),
+        false => crate::routes::hooks::router(&app.config.hooks.path),
+    };
     let mut main = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz));
@@ -179,6 +184,7 @@ pub async fn start(
     let router = main
         .merge(custody_routes.unwrap_or_default())
         .merge(crate::routes::publish::router())
+        .merge(hook_routes)
         .with_state(app.clone())
         .merge(crate::client_assets::router())
         .merge(extra);

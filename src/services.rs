@@ -1,5 +1,5 @@
 //! The services sessions and the hub use: configuration, metrics, the realm, backends, publish channels, the
-//! upstream client and token custody.
+//! upstream client, the webhook source's access checks, history and watchers, and token custody.
 //!
 //! A cheap shared handle (like mini-redis's `Db`): sessions hold an `Arc<Services>`, never the [`App`], so the
 //! engine's arrows point one way (the HTTP layer sees the app; the app holds the hub; the hub holds sessions;
@@ -9,13 +9,16 @@
 
 use std::sync::Arc;
 
+use crate::access::Access;
 use crate::auth::{AuthError, Realm, Verified};
 use crate::backends::Backends;
 use crate::channels::Channels;
 use crate::config::Config;
 use crate::custody::Custody;
+use crate::history::History;
 use crate::metrics::Metrics;
 use crate::upstream::Upstream;
+use crate::watchers::Watchers;
 
 /// Why the services could not be built. Fails the start: a client silently built without its timeouts or its
 /// no-redirect policy would be worse than no server.
@@ -39,6 +42,11 @@ pub struct Services {
     pub channels: Channels,
     /// Upstream (GitLab) stream connections.
     pub upstream: Arc<Upstream>,
+    /// Webhook source: who may see a project's events, the per-project event history, and who follows each
+    /// project on this instance.
+    pub access: Access,
+    pub history: Arc<History>,
+    pub watchers: Watchers,
     /// Token custody (login, server-side tokens), when enabled.
     pub custody: Option<Arc<Custody>>,
     /// Shown in `init`; distinguishes instances behind a load balancer.
@@ -100,6 +108,9 @@ impl Services {
             backends,
             upstream: Arc::new(upstream),
             channels: Channels::new(config.publish.max_buffered_topics),
+            access: Access::new(&config.access, metrics.clone()),
+            history: Arc::new(History::new(&config)),
+            watchers: Watchers::default(),
             instance,
             metrics,
             config,

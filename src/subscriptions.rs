@@ -405,6 +405,30 @@ impl Subscriptions {
         }
     }
 
+    /// Subscribes `tab` to a project topic of the webhook source: the same holds and limits as [`Self::subscribe`],
+    /// but no stream (events come from the webhook receiver, replays from the shared history). Returns false when
+    /// the tab already held it.
+    pub fn subscribe_hooked(
+        &mut self,
+        tab: u64,
+        topic: &Topic,
+        limits: Limits,
+    ) -> Result<bool, SubscribeError> {
+        let held = self.by_tab.get(&tab);
+        if held.is_some_and(|t| t.contains(topic)) {
+            return Ok(false);
+        }
+        if held.is_some_and(|t| t.len() >= limits.topics_per_tab) {
+            return Err(SubscribeError::TooManyTopics(limits.topics_per_tab));
+        }
+        if let Some(p) = topic.project_id() {
+            if !self.types.contains_key(p) && self.types.len() >= limits.projects_per_user {
+                return Err(SubscribeError::TooManyProjects(limits.projects_per_user));
+            }
+        }
+        Ok(self.hold(tab, topic))
+    }
+
     /// Releases `tab`'s hold on `topic`. Returns whether it held it, and whether that closed the project's stream.
     pub fn unsubscribe(&mut self, tab: u64, topic: &Topic) -> (bool, bool) {
         let removed = self.by_tab.get_mut(&tab).is_some_and(|t| t.remove(topic));
@@ -466,7 +490,8 @@ impl Subscriptions {
         due.iter().filter(|p| self.stop_if_unused(p)).count()
     }
 
-    fn is_used(&self, project: &str) -> bool {
+    /// Whether any tab holds a topic of `project`.
+    pub fn is_used(&self, project: &str) -> bool {
         self.types.contains_key(project)
     }
 
@@ -927,6 +952,32 @@ mod tests {
             "held again"
         );
         assert_eq!(event(&mut s, g, "3", "push"), vec![2]);
+    }
+
+    #[test]
+    fn hooked_topics_count_like_others_and_open_no_stream() {
+        let mut s = Subscriptions::default();
+        assert_eq!(
+            s.subscribe_hooked(1, &t("/project/1/push"), LIMITS),
+            Ok(true)
+        );
+        assert_eq!(
+            s.subscribe_hooked(1, &t("/project/1/push"), LIMITS),
+            Ok(false)
+        );
+        assert_eq!(
+            s.subscribe_hooked(2, &t("/project/2/push"), LIMITS),
+            Ok(true)
+        );
+        assert_eq!(
+            s.subscribe_hooked(2, &t("/project/3/push"), LIMITS),
+            Err(SubscribeError::TooManyProjects(2))
+        );
+        assert_eq!(s.projects().count(), 0, "no stream");
+        assert!(s.is_used("1") && s.holds(&t("/project/2/push")));
+        assert_eq!(s.unsubscribe(1, &t("/project/1/push")), (true, false));
+        assert!(!s.is_used("1"));
+        assert_eq!(s.tabs_holding(&t("/project/2/push")), [2]);
     }
 
     #[test]

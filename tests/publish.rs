@@ -3,11 +3,11 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::keycloak::{sub_of, PUBLISHER_CLIENT, PUBLISHER_SECRET};
+use support::redis::RedisServer;
 use support::{Client, Keycloak, TokenSpec};
 
 const SECRET: &str = "s3cret-for-tests";
@@ -329,47 +329,6 @@ async fn resubscribing_with_last_event_id_gets_what_was_missed() {
 }
 
 // ---- Redis ----
-
-struct RedisServer {
-    child: Child,
-    port: u16,
-}
-
-impl RedisServer {
-    fn start_on(port: u16) -> RedisServer {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("redis-server is needed for this test ({e}); run `bash .ci/test`, which installs it"));
-        RedisServer { child, port }
-    }
-
-    fn start() -> RedisServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        RedisServer::start_on(port)
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 async fn redis_instance(kc: &Keycloak, redis: &RedisServer, id: &str) -> tabhub::Running {
     let mut c = config(kc);

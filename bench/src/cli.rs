@@ -51,6 +51,10 @@ pub enum Scenario {
     /// 200 users x 1 tab pinging every 100 ms while one user with 20 tabs attacks within the rate limits: bystander
     /// ping latency quiet vs attack (p99 within 2x), RSS quiet / peak / after, backend calls and upstream streams.
     Abuse,
+    /// 8,000 users x 2 tabs (16,000 tabs) on two instances sharing a Redis broker, `gitlab.source = "webhook"`:
+    /// GitLab-shaped webhook deliveries posted to both instances in turn: webhooks/s in, deliveries/s out,
+    /// webhook -> tab latency.
+    Webhooks,
 }
 
 impl Scenario {
@@ -65,6 +69,7 @@ impl Scenario {
             Scenario::Storm => "storm",
             Scenario::Publish => "publish",
             Scenario::Abuse => "abuse",
+            Scenario::Webhooks => "webhooks",
         }
     }
 }

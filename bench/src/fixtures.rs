@@ -8,7 +8,8 @@
 //!   the client processes know too: the notification tabhub sends carries no data, so a tab times a change from
 //!   the schedule; `/gateway/projects/{id}/graph/status` answers the KG activation (see [`kg_status`]) and is
 //!   counted the same way, and apart;
-//! - `/bench/...`: the orchestrator's view (counts, streams) and controls (emit).
+//! - `/bench/...`: the orchestrator's view (counts, streams) and controls (emit; `hooks`: GitLab-shaped webhook
+//!   deliveries posted at a given rate to the tabhub instances in turn, each payload carrying `"t": <unix ns>`).
 //!
 //! It prints `{"listening": "<addr>"}` on stdout once serving, and exits when its stdin closes (the orchestrator
 //! is gone) or after `--max-seconds`.
@@ -30,6 +31,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tabhub_fixtures::gitlab::{FixtureGitlab, GitlabOptions};
 use tabhub_fixtures::issuer::{ClientSpec, DevIssuer, RealmOptions};
+use tabhub_fixtures::webhooks::{self, Sender};
 
 use crate::procs::unix_ns;
 use crate::tokens;
@@ -55,6 +57,10 @@ struct Fx {
     period_ns: u64,
     emitted: AtomicU64,
     emitting: AtomicBool,
+    /// Webhook deliveries posted, answered 2xx, and failed (non-2xx or no answer).
+    hooks_posted: AtomicU64,
+    hooks_ok: AtomicU64,
+    hooks_failed: AtomicU64,
 }
 
 /// When user `u`'s state last changed at or before `now_ns`, and how many changes that makes.
@@ -127,6 +133,9 @@ async fn serve(a: FixturesArgs) -> Result<(), String> {
         period_ns,
         emitted: AtomicU64::new(0),
         emitting: AtomicBool::new(false),
+        hooks_posted: AtomicU64::new(0),
+        hooks_ok: AtomicU64::new(0),
+        hooks_failed: AtomicU64::new(0),
     });
     let bench = Router::new()
         .route("/gateway/projects/{id}/graph/status", get(kg_status))
@@ -134,6 +143,7 @@ async fn serve(a: FixturesArgs) -> Result<(), String> {
         .route("/bench/gateway", get(gateway_counts))
         .route("/bench/streams", get(streams))
         .route("/bench/emit", get(emit_status).post(emit))
+        .route("/bench/hooks", get(hooks_status).post(hooks))
         .with_state(fx);
     let router = issuer.router().merge(gitlab.router()).merge(bench);
     {
@@ -267,6 +277,96 @@ struct EmitRequest {
     seconds: f64,
     users: usize,
     types: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct HooksRequest {
+    rate: f64,
+    seconds: f64,
+    users: usize,
+    types: Vec<String>,
+    /// The receivers (`http://<instance>/hooks/gitlab`), posted to in turn.
+    targets: Vec<String>,
+    secret: String,
+}
+
+async fn hooks_status(State(fx): State<Arc<Fx>>) -> Json<Value> {
+    Json(json!({
+        "posted": fx.hooks_posted.load(Ordering::Relaxed),
+        "ok": fx.hooks_ok.load(Ordering::Relaxed),
+        "failed": fx.hooks_failed.load(Ordering::Relaxed),
+        "running": fx.emitting.load(Ordering::Relaxed),
+    }))
+}
+
+/// Starts posting `rate` webhook deliveries per second for `seconds` (GitLab-shaped, with GitLab's headers, see
+/// `tabhub_fixtures::webhooks`), round-robin over the users' projects then types, to the targets in turn; each
+/// payload gets `"t": <unix ns at post>`. At most 512 requests in flight.
+async fn hooks(State(fx): State<Arc<Fx>>, Json(req): Json<HooksRequest>) -> Response {
+    if req.users == 0 || req.types.is_empty() || req.rate <= 0.0 || req.targets.is_empty() {
+        return (
+            StatusCode::BAD_REQUEST,
+            "users, types, targets and rate needed",
+        )
+            .into_response();
+    }
+    if fx.emitting.swap(true, Ordering::AcqRel) {
+        return (StatusCode::CONFLICT, "already emitting").into_response();
+    }
+    for c in [&fx.hooks_posted, &fx.hooks_ok, &fx.hooks_failed] {
+        c.store(0, Ordering::Relaxed);
+    }
+    let senders: Vec<Sender> = req
+        .targets
+        .iter()
+        .map(|t| Sender::new(t, &req.secret))
+        .collect();
+    let projects: Vec<u64> = (0..req.users)
+        .map(|u| tokens::project_of(u).parse().unwrap_or(0))
+        .collect();
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(512));
+    tokio::spawn(async move {
+        let total = (req.rate * req.seconds).round() as u64;
+        let start = tokio::time::Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut i = 0u64;
+        while i < total {
+            tick.tick().await;
+            let due = ((start.elapsed().as_secs_f64() * req.rate) as u64).min(total);
+            while i < due {
+                let u = (i % projects.len() as u64) as usize;
+                let ty =
+                    &req.types[((i / projects.len() as u64) % req.types.len() as u64) as usize];
+                let Some(mut d) = webhooks::payload(ty, projects[u], i) else {
+                    fx.hooks_failed.fetch_add(1, Ordering::Relaxed);
+                    i += 1;
+                    continue;
+                };
+                let sender = senders[(i % senders.len() as u64) as usize].clone();
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    break;
+                };
+                let fx = fx.clone();
+                tokio::spawn(async move {
+                    d.body["t"] = json!(unix_ns());
+                    fx.hooks_posted.fetch_add(1, Ordering::Relaxed);
+                    match sender.post(&d, Some(&Sender::new_key())).await {
+                        Ok(s) if (200..300).contains(&s) => {
+                            fx.hooks_ok.fetch_add(1, Ordering::Relaxed)
+                        }
+                        _ => fx.hooks_failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                    drop(permit);
+                });
+                i += 1;
+            }
+        }
+        // Every request answered before the run counts as finished.
+        let _ = in_flight.acquire_many(512).await;
+        fx.emitting.store(false, Ordering::Release);
+    });
+    (StatusCode::ACCEPTED, "posting").into_response()
 }
 
 async fn emit_status(State(fx): State<Arc<Fx>>) -> Json<Value> {

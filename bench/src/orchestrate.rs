@@ -221,6 +221,7 @@ commands_burst = {burst:?}
 
 [gitlab]
 url = "{gitlab}"
+source = "{source}"
 
 [backends]
 gateway = "{gitlab}/gateway"
@@ -230,6 +231,7 @@ gateway = "{gitlab}/gateway"
             issuer = fixtures.issuer,
             client = tokens::CLIENT_ID,
             gitlab = fixtures.base,
+            source = shape.source,
             max_tabs = limits.max_tabs_per_user,
             cps = limits.commands_per_second,
             burst = limits.commands_burst,

@@ -28,6 +28,9 @@ use crate::report::{pcts, round3, spread, summary_ms, Report};
 use crate::shape::{Group, Limits, Shape};
 use crate::tokens;
 
+/// The webhook secret of the bench's instances.
+const HOOK_SECRET: &str = "bench-webhook-secret-0123456789";
+
 fn uniform(args: &RunArgs, users: usize, tabs: usize) -> Vec<Group> {
     let (u, t) = (args.users.unwrap_or(users), args.tabs.unwrap_or(tabs));
     vec![Group {
@@ -52,10 +55,12 @@ pub fn shape_of(args: &RunArgs) -> Shape {
         Scenario::Storm => (4_000, 4, 0, 0.0, 0.0, 5_000),
         Scenario::Publish => (4_000, 4, 0, 1_000.0, 20.0, 5_000),
         Scenario::Abuse => (200, 1, 1, 0.0, 10.0, 5_000),
+        Scenario::Webhooks => (8_000, 2, 1, 500.0, 20.0, 5_000),
     };
     let (channels, instances) = match args.scenario {
         Scenario::Smoke => (10, 1),
         Scenario::Publish => (100, 2),
+        Scenario::Webhooks => (0, 2),
         _ => (0, 1),
     };
     let groups = if args.scenario == Scenario::CallsPerTick {
@@ -108,6 +113,11 @@ pub fn shape_of(args: &RunArgs) -> Shape {
         duration: args.duration.unwrap_or(d),
         short_interval_ms: args.short_interval_ms.unwrap_or(tick),
         limits,
+        source: if args.scenario == Scenario::Webhooks {
+            "webhook"
+        } else {
+            "sse"
+        },
     }
 }
 
@@ -264,6 +274,7 @@ pub async fn run(args: &RunArgs) -> Result<(), String> {
         None
     };
     let mut extra = format!("[publish]\nshared_secret = \"{}\"\n", publisher::SECRET);
+    extra.push_str(&format!("\n[hooks]\nsecrets = [\"{HOOK_SECRET}\"]\n"));
     if let Some(r) = &redis {
         extra.push_str(&format!(
             "\n[broker]\nkind = \"redis\"\nredis_url = \"{}\"\n",
@@ -377,6 +388,7 @@ impl Bench {
                 self.rep.set("rss_kib_after_idle", json!(rss));
             }
             Scenario::Handshakes => self.storm().await?,
+            Scenario::Webhooks => self.webhooks().await?,
             Scenario::Fanout => {
                 self.fanout().await?;
                 self.streams().await?;
@@ -550,6 +562,101 @@ impl Bench {
             c.extend(e);
         }
         orchestrate::all(&mut self.workers, &cmd, "report", Duration::from_secs(60)).await
+    }
+
+    /// GitLab-shaped webhook deliveries at the shape's rate, posted to the instances in turn (Redis carries each to
+    /// the other): webhooks/s in, deliveries/s out, latency from the post to each tab, CPU per delivery.
+    async fn webhooks(&mut self) -> Result<(), String> {
+        if self.shape.topics == 0 || self.shape.rate <= 0.0 {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        self.reports(json!({})).await?;
+        let types = tokens::event_types(self.shape.topics);
+        let targets: Vec<String> = self
+            .tabhubs
+            .iter()
+            .map(|t| format!("http://{}/hooks/gitlab", t.addr))
+            .collect();
+        let cpu0 = self.cpu_secs();
+        let t0 = Instant::now();
+        let status = self
+            .fixtures
+            .post(
+                "/bench/hooks",
+                &json!({
+                    "rate": self.shape.rate,
+                    "seconds": self.shape.duration,
+                    "users": self.shape.users(),
+                    "types": types,
+                    "targets": targets,
+                    "secret": HOOK_SECRET,
+                }),
+            )
+            .await?;
+        if status != 202 {
+            return Err(format!("posting refused: {status}"));
+        }
+        let deadline = t0 + Duration::from_secs_f64(self.shape.duration + 60.0);
+        let done = loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let s = self.fixtures.get("/bench/hooks").await?;
+            if s["running"] == false {
+                break s;
+            }
+            if Instant::now() > deadline {
+                return Err("the webhook sender did not finish".into());
+            }
+        };
+        let post_s = t0.elapsed().as_secs_f64();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let cpu = self.cpu_secs() - cpu0;
+        let rs = self.reports(json!({})).await?;
+        let mut lat: Vec<u32> = Vec::new();
+        let mut delivered = 0u64;
+        for r in &rs {
+            delivered += r["events"].as_u64().unwrap_or(0);
+            lat.extend(samples(&r["event_lat_us"]));
+        }
+        let lat = summary_ms(&mut lat);
+        let ok = done["ok"].as_u64().unwrap_or(0);
+        let failed = done["failed"].as_u64().unwrap_or(0);
+        // Each delivery reaches every tab of its project's user.
+        let expected = ok as f64 * self.shape.tabs() as f64 / self.shape.users().max(1) as f64;
+        let in_per_s = ok as f64 / post_s.max(0.001);
+        let out_per_s = delivered as f64 / post_s.max(0.001);
+        let cpu_per_m = cpu / delivered.max(1) as f64 * 1e6;
+        let r = &mut self.rep;
+        r.fig(
+            "webhooks posted (2xx / failed)",
+            format!("{ok} / {failed} in {post_s:.1} s"),
+        );
+        r.fig("webhooks per second in", format!("{in_per_s:.0}"));
+        r.fig(
+            "deliveries (received / expected)",
+            format!("{delivered} / {expected:.0}"),
+        );
+        r.fig("deliveries per second out", format!("{out_per_s:.0}"));
+        r.fig("webhook -> tab latency p50 / p99 / max", pcts(&lat));
+        r.fig(
+            "tabhub CPU per million deliveries (both instances)",
+            format!("{cpu_per_m:.1} s"),
+        );
+        r.set(
+            "webhooks",
+            json!({
+                "posted_ok": ok,
+                "failed": failed,
+                "post_seconds": round3(post_s),
+                "webhooks_per_s": round3(in_per_s),
+                "delivered": delivered,
+                "expected": expected,
+                "deliveries_per_s": round3(out_per_s),
+                "latency": lat,
+                "cpu_s": round3(cpu),
+            }),
+        );
+        Ok(())
     }
 
     /// Upstream events at the shape's rate: latency from emit to each tab, deliveries, CPU per delivery.

@@ -54,6 +54,8 @@ pub struct Shape {
     pub duration: f64,
     pub short_interval_ms: u64,
     pub limits: Limits,
+    /// `gitlab.source`: `sse`, or `webhook` (the webhooks scenario).
+    pub source: &'static str,
 }
 
 impl Shape {

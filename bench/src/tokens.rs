@@ -26,9 +26,9 @@ pub fn user_of_sub(sub: &str) -> Option<usize> {
     usize::from_str_radix(sub.strip_prefix("00000000-0000-4000-8000-")?, 16).ok()
 }
 
-/// User `i`'s own project on the fixture GitLab.
+/// User `i`'s own project on the fixture GitLab: numeric, as GitLab's project ids (webhooks name projects by id).
 pub fn project_of(i: usize) -> String {
-    format!("bu{i}")
+    (1_000_000 + i).to_string()
 }
 
 /// The event types of the `n` topics each tab holds on its user's project.

@@ -35,15 +35,17 @@ pub trait Context: LoopContext {
     fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Value, CommandError>>;
 
     /// Subscribes this tab to `topic`; `last_event_id` resumes after that event. Returns false when the tab already
-    /// held the topic. `reply`, if any, is queued to the tab atomically with the registration and before any
-    /// replayed or live event of the topic, with `added` (the return value) set in its data and the request's
-    /// `id` echoed. A reply, not a callback: nothing of the command runs while the engine holds its locks.
-    fn subscribe(
-        &self,
-        topic: &Topic,
-        last_event_id: Option<&str>,
+    /// held the topic, or when the engine refused it itself with `subscriptionError` (the user may not read the
+    /// project). `reply`, if any, is queued to the tab atomically with the registration and before any replayed or
+    /// live event of the topic, with `added` (the return value) set in its data and the request's `id` echoed. A
+    /// reply, not a callback: nothing of the command runs while the engine holds its locks. Asynchronous: the engine
+    /// may first check, as the user, that they may see the topic.
+    fn subscribe<'a>(
+        &'a self,
+        topic: &'a Topic,
+        last_event_id: Option<&'a str>,
         reply: Option<Notification>,
-    ) -> Result<bool, CommandError>;
+    ) -> BoxFuture<'a, Result<bool, CommandError>>;
     /// Releases this tab's hold on `topic`. Returns false when the tab did not hold it.
     fn unsubscribe(&self, topic: &Topic) -> bool;
     /// The topics this tab holds.
@@ -52,22 +54,24 @@ pub trait Context: LoopContext {
     /// Replaces this tab's topics with `wanted`: releases those not wanted, then subscribes the new ones (from now
     /// on). The engine does it under its lock once, not once per topic: a hundred topics from many tabs of one user
     /// would otherwise keep the server's threads waiting on each other, and every other user with them.
-    fn set_subscriptions(&self, wanted: &BTreeSet<Topic>) -> SetOutcome {
-        let current: BTreeSet<Topic> = self.subscriptions().into_iter().collect();
-        let mut out = SetOutcome::default();
-        for t in current.difference(wanted) {
-            if self.unsubscribe(t) {
-                out.removed.push(t.clone());
+    fn set_subscriptions<'a>(&'a self, wanted: &'a BTreeSet<Topic>) -> BoxFuture<'a, SetOutcome> {
+        Box::pin(async move {
+            let current: BTreeSet<Topic> = self.subscriptions().into_iter().collect();
+            let mut out = SetOutcome::default();
+            for t in current.difference(wanted) {
+                if self.unsubscribe(t) {
+                    out.removed.push(t.clone());
+                }
             }
-        }
-        for t in wanted.difference(&current) {
-            match self.subscribe(t, None, None) {
-                Ok(true) => out.added.push(t.clone()),
-                Ok(false) => {}
-                Err(e) => out.failed.push((t.clone(), e)),
+            for t in wanted.difference(&current) {
+                match self.subscribe(t, None, None).await {
+                    Ok(true) => out.added.push(t.clone()),
+                    Ok(false) => {}
+                    Err(e) => out.failed.push((t.clone(), e)),
+                }
             }
-        }
-        out
+            out
+        })
     }
 }
 

@@ -84,13 +84,14 @@ impl Context for Fake {
     fn authenticate<'a>(&'a self, _token: &'a str) -> BoxFuture<'a, Result<Value, CommandError>> {
         Box::pin(async { Ok(Value::Null) })
     }
-    fn subscribe(
-        &self,
-        topic: &Topic,
-        _last_event_id: Option<&str>,
+    fn subscribe<'a>(
+        &'a self,
+        topic: &'a Topic,
+        _last_event_id: Option<&'a str>,
         _reply: Option<Notification>,
-    ) -> Result<bool, CommandError> {
-        Ok(self.subs.lock().unwrap().insert(topic.to_string()))
+    ) -> BoxFuture<'a, Result<bool, CommandError>> {
+        let added = self.subs.lock().unwrap().insert(topic.to_string());
+        Box::pin(async move { Ok(added) })
     }
     fn unsubscribe(&self, topic: &Topic) -> bool {
         self.subs.lock().unwrap().remove(&topic.to_string())

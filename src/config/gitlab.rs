@@ -1,15 +1,19 @@
-//! `[gitlab]`: upstream GitLab SSE subscriptions.
+//! `[gitlab]`: where `/project/<id>/<eventType>` topics get their events: GitLab's webhooks, or an SSE upstream.
 
 use serde::{Deserialize, Serialize};
 
 use super::error::{key_error, ConfigError};
 
-/// Upstream GitLab SSE subscriptions.
+/// Where project topics get their events.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GitlabConfig {
     /// GitLab's base URL, e.g. `https://gitlab.example`. Empty: `subscribe` is refused.
     pub url: String,
+    /// `webhook`: GitLab posts its events to the receiver (`[hooks]`) and tabhub decides who sees them (`[access]`);
+    /// `sse`: one upstream SSE stream per user and project at `stream_path` (a relay or a service that speaks SSE:
+    /// no GitLab has such an endpoint).
+    pub source: GitlabSource,
     /// Path of a project's event stream. `{project}` is the project id as the topic names it, `{eventTypes}` the
     /// comma-separated event types wanted (sorted).
     pub stream_path: String,
@@ -35,6 +39,7 @@ impl Default for GitlabConfig {
     fn default() -> Self {
         GitlabConfig {
             url: String::new(),
+            source: GitlabSource::Sse,
             stream_path: "/api/v4/projects/{project}/events/stream?event_types={eventTypes}".into(),
             stall_timeout_ms: 45_000,
             connect_timeout_ms: 5_000,
@@ -46,6 +51,18 @@ impl Default for GitlabConfig {
             max_projects_per_user: 20,
         }
     }
+}
+
+/// Where project topics get their events. An enum so that a bad value fails while the file is read, naming the key
+/// and the allowed values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GitlabSource {
+    /// GitLab's webhooks, received once for everybody at `hooks.path`.
+    Webhook,
+    /// One SSE stream per user and project, opened as the user.
+    #[default]
+    Sse,
 }
 
 impl GitlabConfig {

@@ -16,6 +16,7 @@ mod drain;
 mod env;
 mod error;
 mod gitlab;
+mod hooks;
 mod http;
 mod limits;
 mod log;
@@ -36,7 +37,8 @@ pub use custody::CustodyConfig;
 pub use drain::DrainConfig;
 pub use env::{CLIENT_ENV_PREFIX, CONNECT_TOKEN_ENV};
 pub use error::ConfigError;
-pub use gitlab::GitlabConfig;
+pub use gitlab::{GitlabConfig, GitlabSource};
+pub use hooks::{AccessConfig, HooksConfig};
 pub use http::HttpConfig;
 pub use limits::LimitsConfig;
 pub use log::{LogConfig, LogFormat};
@@ -65,6 +67,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub drain: DrainConfig,
     pub gitlab: GitlabConfig,
+    pub hooks: HooksConfig,
+    pub access: AccessConfig,
     pub custody: CustodyConfig,
     pub publish: PublishConfig,
     pub broker: BrokerConfig,
@@ -90,6 +94,8 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             drain: DrainConfig::default(),
             gitlab: GitlabConfig::default(),
+            hooks: HooksConfig::default(),
+            access: AccessConfig::default(),
             custody: CustodyConfig::default(),
             publish: PublishConfig::default(),
             broker: BrokerConfig::default(),
@@ -149,6 +155,16 @@ impl Config {
         self.http.validate()?;
         self.metrics.validate()?;
         self.gitlab.validate()?;
+        self.hooks.validate(&self.websocket.paths)?;
+        let receives = self.gitlab.source == GitlabSource::Webhook && !self.gitlab.url.is_empty();
+        if receives && self.hooks.secrets.is_empty() {
+            // Subscriptions would be accepted and never fed.
+            return Err(error::key_error(
+                "hooks.secrets",
+                "required with gitlab.source = \"webhook\" (the X-Gitlab-Token of GitLab's webhook)",
+            ));
+        }
+        self.access.validate()?;
         self.broker.validate()?;
         self.publish.validate()?;
         self.custody.validate(&self.auth)?;
@@ -219,6 +235,31 @@ mod tests {
         ));
         let e = Config::load(None, env).unwrap_err().to_string();
         assert!(e.contains("origins.allowed[0]"), "{e}");
+    }
+
+    #[test]
+    fn the_webhook_source_needs_a_secret() {
+        let mut env = minimal();
+        env.push(("TABHUB_GITLAB_URL".into(), "https://gitlab.example".into()));
+        env.push(("TABHUB_GITLAB_SOURCE".into(), "webhook".into()));
+        let e = Config::load(None, env.clone()).unwrap_err().to_string();
+        assert!(e.contains("hooks.secrets"), "{e}");
+        env.push(("TABHUB_HOOKS_SECRETS".into(), "short".into()));
+        let e = Config::load(None, env.clone()).unwrap_err().to_string();
+        assert!(
+            e.contains("hooks.secrets[0]") && !e.contains("short"),
+            "{e}"
+        );
+        env.pop();
+        env.push((
+            "TABHUB_HOOKS_SECRETS".into(),
+            "a-long-enough-secret,another-long-secret".into(),
+        ));
+        let c = Config::load(None, env.clone()).unwrap();
+        assert_eq!(c.hooks.secrets.len(), 2);
+        env.push(("TABHUB_HOOKS_PATH".into(), "/ws".into()));
+        let e = Config::load(None, env).unwrap_err().to_string();
+        assert!(e.contains("hooks.path"), "{e}");
     }
 
     #[test]

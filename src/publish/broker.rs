@@ -5,6 +5,10 @@
 //!   the HTTP request does not deliver directly but, like every other, when the message comes back from Redis, so
 //!   each target tab gets it exactly once whichever instance received the request. While Redis is unreachable
 //!   publishing fails (503, never a silent drop) and the listener reconnects with backoff.
+//!
+//! Webhook events go the same way ([`Broker::publish_hook`]) with one id per project assigned once by the history
+//! ([`crate::history`]): in process with the memory broker; in Redis, by one script that also publishes the event
+//! on the broker channel (as `H<id> <event>`), so every instance receives each project's events in id order.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::config::{BrokerConfig, BrokerKind};
+use crate::history::{parse_published, DeliveryKey, History, HookEvent, Stored};
 use crate::metrics::Metrics;
 use crate::publish::message::Message;
 
@@ -23,6 +28,8 @@ use crate::publish::message::Message;
 /// one, so the broker knows nothing of hubs and sessions.
 pub trait BatchHandler: Send + Sync + 'static {
     fn deliver(&self, messages: &[Message]);
+    /// A webhook event, with its id, to this instance's tabs.
+    fn deliver_hook(&self, event: &Stored);
 }
 
 /// Why a publish failed.
@@ -41,7 +48,10 @@ struct Wire {
 
 pub enum Broker {
     /// This process only: a publish is delivered at once.
-    Memory(Arc<dyn BatchHandler>),
+    Memory {
+        handler: Arc<dyn BatchHandler>,
+        history: Arc<History>,
+    },
     Redis(Arc<RedisBroker>),
 }
 
@@ -56,6 +66,7 @@ pub struct RedisBroker {
     connecting: tokio::sync::Mutex<()>,
     listening: AtomicBool,
     handler: Arc<dyn BatchHandler>,
+    history: Arc<History>,
     metrics: Arc<Metrics>,
 }
 
@@ -64,10 +75,11 @@ impl Broker {
     pub fn new(
         config: &BrokerConfig,
         handler: Arc<dyn BatchHandler>,
+        history: Arc<History>,
         metrics: Arc<Metrics>,
     ) -> Broker {
         if config.kind != BrokerKind::Redis {
-            return Broker::Memory(handler);
+            return Broker::Memory { handler, history };
         }
         metrics.broker_is_redis.store(true, Ordering::Relaxed);
         let client = redis::Client::open(config.redis_url.as_str())
@@ -82,6 +94,7 @@ impl Broker {
             connecting: tokio::sync::Mutex::new(()),
             listening: AtomicBool::new(false),
             handler,
+            history,
             metrics,
         }))
     }
@@ -102,21 +115,50 @@ impl Broker {
     /// `memory`, `up` or `down`.
     pub fn state(&self) -> &'static str {
         match self {
-            Broker::Memory(_) => "memory",
+            Broker::Memory { .. } => "memory",
             Broker::Redis(r) if r.listening.load(Ordering::Acquire) => "up",
             Broker::Redis(_) => "down",
         }
     }
 
-    /// Publishes a batch (delivered in order).
-    /// Publishes a batch; `origin` names this instance.
+    /// Publishes a batch (delivered in order); `origin` names this instance.
     pub async fn publish(&self, origin: &str, messages: Vec<Message>) -> Result<(), BrokerError> {
         match self {
-            Broker::Memory(handler) => {
+            Broker::Memory { handler, .. } => {
                 handler.deliver(&messages);
                 Ok(())
             }
             Broker::Redis(r) => r.publish(origin, messages).await,
+        }
+    }
+
+    /// Whether [`Broker::publish_hook`] delivers in this process, as it runs (memory), rather than through Redis.
+    pub fn in_process(&self) -> bool {
+        matches!(self, Broker::Memory { .. })
+    }
+
+    /// Gives a webhook event its project's next id and delivers it on every instance, once per delivery `key`.
+    /// Returns the id, or None for a duplicate.
+    pub async fn publish_hook(
+        &self,
+        event: HookEvent,
+        key: DeliveryKey,
+    ) -> Result<Option<u64>, BrokerError> {
+        match self {
+            Broker::Memory { handler, history } => {
+                Ok(history.append_local(event, key, |s| handler.deliver_hook(s)))
+            }
+            Broker::Redis(r) => {
+                if !r.listening.load(Ordering::Acquire) {
+                    return Err(BrokerError::Unavailable(
+                        "not subscribed to the Redis channel (reconnecting)".into(),
+                    ));
+                }
+                r.history
+                    .append_shared(&event, key)
+                    .await
+                    .map_err(|e| BrokerError::Unavailable(e.to_string()))
+            }
         }
     }
 }
@@ -199,6 +241,15 @@ impl RedisBroker {
                             let Ok(payload) = msg.get_payload::<String>() else {
                                 continue;
                             };
+                            if let Some(hook) = parse_published(&payload) {
+                                match hook {
+                                    Ok(s) => self.handler.deliver_hook(&s),
+                                    Err(e) => {
+                                        tracing::warn!(error = %e, "unreadable webhook event on the broker channel")
+                                    }
+                                }
+                                continue;
+                            }
                             match serde_json::from_str::<Wire>(&payload) {
                                 Ok(w) => self.handler.deliver(&w.messages),
                                 Err(e) => {

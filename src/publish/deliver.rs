@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tabhub_commands::Topic;
 
+use crate::history::Stored;
 use crate::hub::Hub;
 use crate::protocol;
 use crate::publish::broker::BatchHandler;
@@ -19,6 +20,21 @@ pub struct Delivery {
 }
 
 impl BatchHandler for Delivery {
+    /// A webhook event: encoded once, to the sessions of the users following its project on this instance, each
+    /// checking its tabs' topics and the user's access.
+    fn deliver_hook(&self, s: &Stored) {
+        let e = &s.event;
+        let topic = Topic::project(&e.project, &e.event_type);
+        let msg = s.encode();
+        let mut tabs = 0;
+        for user in self.services.watchers.users(&e.project) {
+            if let Some(session) = self.hub.get(&user) {
+                tabs += session.deliver_hook(&topic, s.id, e.confidential, &msg);
+            }
+        }
+        self.services.metrics.hook_fanout.observe(tabs as u64);
+    }
+
     fn deliver(&self, messages: &[Message]) {
         let (services, hub) = (&self.services, &self.hub);
         for m in messages {

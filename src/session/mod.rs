@@ -9,12 +9,13 @@
 //! "stop after the linger" atomic with respect to each other, so a user can never have two sessions or two copies
 //! of a loop (see [`crate::hub`]).
 
+pub(crate) mod hooks;
 pub(crate) mod loops;
 pub(crate) mod streams;
 pub(crate) mod token;
 pub(crate) mod turns;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -61,6 +62,14 @@ struct Inner {
     /// (one per project: a later one supersedes it, and one timer serves it).
     started_at: BTreeMap<String, Instant>,
     delayed: BTreeMap<String, Action>,
+    /// Webhook source: the projects the user follows, with the access level of the last check (None: paused, the
+    /// last re-check could not answer).
+    hooked: HashMap<String, Option<u64>>,
+    /// Webhook source: (tab, topic) resuming from a `lastEventId`: live events wait here (id, message) until the
+    /// replay is sent.
+    catching: HashMap<(u64, Topic), Vec<(u64, Utf8Bytes)>>,
+    /// Whether the access re-check task runs (started with the first followed project).
+    rechecking: bool,
 }
 
 /// Why a tab could not join.
@@ -158,6 +167,9 @@ impl Session {
                 pending_starts: BTreeMap::new(),
                 started_at: BTreeMap::new(),
                 delayed: BTreeMap::new(),
+                hooked: HashMap::new(),
+                catching: HashMap::new(),
+                rechecking: false,
             }),
             token: TokenCell::default(),
             anonymous,
@@ -256,6 +268,10 @@ impl Session {
                     .remove_holder(&c.to_string(), &self.user.id);
             }
         }
+        if !inner.hooked.is_empty() {
+            inner.catching.retain(|(tab, _), _| *tab != tab_id);
+            self.unfollow_unused(&mut inner);
+        }
         let before = inner.tabs.len();
         inner.tabs.retain(|t| t.id != tab_id);
         if before != inner.tabs.len() && inner.tabs.is_empty() && !inner.stopped {
@@ -311,6 +327,7 @@ impl Session {
             }
         }
         inner.subs.stop_all();
+        self.unfollow_all(inner);
         self.services.metrics.sessions.dec();
         tracing::debug!(user = %self.user.id, "session stopped");
     }
@@ -499,7 +516,17 @@ impl Session {
     /// tabs kept the runtime's threads waiting on this lock, and every other user's tabs behind them). Releases the
     /// topics not wanted, subscribes the new project topics (when `projects` is true: the server has a GitLab),
     /// and returns the new channels for [`Session::subscribe_channel`], which takes each channel's buffer first.
-    pub fn set_topics(&self, tab: &Tab, wanted: &BTreeSet<Topic>, projects: bool) -> TopicChanges {
+    ///
+    /// With the webhook source, `hooked` has the access level of each new project the user may see (checked
+    /// before, as the user): project topics subscribe without a stream; those of other projects are left out (the
+    /// caller reports them).
+    pub fn set_topics(
+        self: &Arc<Self>,
+        tab: &Tab,
+        wanted: &BTreeSet<Topic>,
+        projects: bool,
+        hooked: Option<&HashMap<String, u64>>,
+    ) -> TopicChanges {
         let limits = self.sub_limits();
         let mut inner = self.lock();
         let mut out = TopicChanges::default();
@@ -517,6 +544,20 @@ impl Session {
                 out.channels.push(t.clone());
             } else if !projects {
                 out.unavailable.push(t.clone());
+            } else if let Some(levels) = hooked {
+                let Some((project, level)) =
+                    t.project_id().and_then(|p| levels.get(p).map(|l| (p, *l)))
+                else {
+                    continue;
+                };
+                match inner.subs.subscribe_hooked(tab.id, t, limits) {
+                    Ok(true) => {
+                        self.follow(&mut inner, project, level);
+                        out.added.push(t.clone());
+                    }
+                    Ok(false) => {}
+                    Err(e) => out.refused.push((t.clone(), e)),
+                }
             } else {
                 match Self::subscribe_locked(&mut inner, tab, t, None, None, limits) {
                     Ok(true) => out.added.push(t.clone()),
@@ -635,6 +676,14 @@ impl Session {
             self.services
                 .channels
                 .remove_holder(&topic.to_string(), &self.user.id);
+        }
+        if removed
+            && topic
+                .project_id()
+                .is_some_and(|p| inner.hooked.contains_key(p))
+        {
+            inner.catching.remove(&(tab.id, topic.clone()));
+            self.unfollow_unused(inner);
         }
         removed
     }

@@ -7,6 +7,7 @@ pub mod client;
 pub mod gateway;
 pub mod keycloak;
 pub mod process;
+pub mod redis;
 
 use std::net::SocketAddr;
 use std::time::Duration;

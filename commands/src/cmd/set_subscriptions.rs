@@ -41,7 +41,7 @@ impl Command for SetSubscriptions {
         if !bad.is_empty() {
             return Err(CommandError::BadParams(bad.join("; ")));
         }
-        let out = ctx.set_subscriptions(&wanted);
+        let out = ctx.set_subscriptions(&wanted).await;
         let names = |ts: &[Topic]| ts.iter().map(Topic::to_string).collect::<Vec<_>>();
         let removed = names(&out.removed);
         let added = names(&out.added);

@@ -36,7 +36,8 @@ impl Command for Subscribe {
         let name = topic.to_string();
         // The engine adds `added` and queues the reply before any event of the topic.
         let reply = Notification::new("subscribed", json!({"topic": name}));
-        ctx.subscribe(&topic, p.last_event_id.as_deref(), Some(reply))?;
+        ctx.subscribe(&topic, p.last_event_id.as_deref(), Some(reply))
+            .await?;
         Ok(())
     }
 }
