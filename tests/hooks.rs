@@ -556,3 +556,41 @@ async fn with_redis_down_deliveries_are_refused_503_then_flow_again() {
     let (_, _, payload) = next_event(&mut tab).await;
     assert_eq!(payload, d1.body);
 }
+
+/// One `setSubscriptions` naming many projects costs the backend at most `gitlab.max_projects_per_user` access
+/// checks: the projects beyond the limit are refused by it without a call.
+#[tokio::test]
+async fn one_command_checks_access_for_at_most_the_project_limit() {
+    let s = setup_with(|c| {
+        c.gitlab.max_projects_per_user = 3;
+        c.gitlab.max_topics_per_tab = 50;
+    })
+    .await;
+    let mut a = s.tab("alice").await;
+    let topics: Vec<String> = (1..=20).map(|p| format!("/project/{p}/push")).collect();
+    a.send(
+        "setSubscriptions",
+        json!({ "topics": topics }),
+        Some(json!(1)),
+    )
+    .await;
+    let r = a.recv_type("subscriptions").await;
+    assert_eq!(r["data"]["added"].as_array().unwrap().len(), 3, "{r}");
+    let failed = r["data"]["failed"].as_array().unwrap();
+    assert_eq!(failed.len(), 17, "{r}");
+    assert!(
+        failed
+            .iter()
+            .all(|f| f["message"].as_str().unwrap().contains("project limit")),
+        "{r}"
+    );
+    let m = metrics(&s.t).await;
+    let checks = metric(
+        &m,
+        "tabhub_access_checks_total{outcome=\"allowed\",source=\"backend\"}",
+    );
+    assert_eq!(
+        checks, 3.0,
+        "one backend check per project within the limit"
+    );
+}
