@@ -151,7 +151,7 @@ impl Config {
         self.gitlab.validate()?;
         self.broker.validate()?;
         self.publish.validate()?;
-        self.custody.validate(&self.auth)?;
+        self.custody.validate(&self.auth, &self.broker)?;
         backend::validate_backends(&self.backends)
     }
 }
