@@ -412,3 +412,39 @@ async fn with_redis_stopped_logins_keep_working_locally_and_reach_redis_when_it_
     }
     ping(&mut t, "after").await;
 }
+
+#[tokio::test]
+async fn a_backchannel_logout_received_by_any_instance_closes_the_logins_tabs_on_every_instance() {
+    let kc = realm(Duration::from_secs(300)).await;
+    let redis = RedisServer::start();
+    let a = instance(&kc, &redis, "a", &[OLD_KEY]).await;
+    let b = instance(&kc, &redis, "b", &[OLD_KEY]).await;
+    // c never saw the logins: it finds them through Redis.
+    let c = instance(&kc, &redis, "c", &[OLD_KEY]).await;
+    let c1 = login(&a.base).await;
+    let kc_sid = kc.realm().kc_session_of("alice").unwrap();
+    let c2 = login(&a.base).await;
+    let b_addr = b.t.local_addr().to_string();
+    let (mut t1, mut t2) = (
+        tab(&b_addr, &b.base, &c1).await,
+        tab(&b_addr, &b.base, &c2).await,
+    );
+    let url = format!("{}/auth/backchannel-logout", c.base);
+
+    // By provider session: that login only.
+    let token = kc.realm().logout_token(TABHUB_CLIENT, Some(&kc_sid), None);
+    assert_eq!(kc.realm().send_backchannel_logout(&url, &token).await, 200);
+    assert_eq!(t1.closed().await.0, Some(4003));
+    assert_eq!(me(&a.base, &c1).await.0, 401);
+    ping(&mut t2, "the other login stays").await;
+
+    // By user: every login of the user.
+    let token = kc.realm().logout_token(
+        TABHUB_CLIENT,
+        None,
+        Some(&support::keycloak::sub_of("alice")),
+    );
+    assert_eq!(kc.realm().send_backchannel_logout(&url, &token).await, 200);
+    assert_eq!(t2.closed().await.0, Some(4003));
+    assert_eq!(me(&a.base, &c2).await.0, 401);
+}

@@ -671,11 +671,12 @@ impl Custody {
     }
 
     /// OpenID Connect Back-Channel Logout 1.0: verifies the logout token and drops the logins it names (by Keycloak
-    /// session or by user). Returns the dropped logins (id and tokens) so their tabs can be closed.
+    /// session or by user). Returns the dropped logins (tokens, and the login id when known here) so their tabs can
+    /// be closed.
     pub async fn backchannel_logout(
         &self,
         logout_token: &str,
-    ) -> Result<Vec<(String, StoredLogin)>, CustodyError> {
+    ) -> Result<Vec<(Option<String>, StoredLogin)>, CustodyError> {
         #[derive(Deserialize)]
         struct LogoutClaims {
             iat: Option<u64>,

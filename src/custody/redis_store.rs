@@ -460,7 +460,7 @@ impl TokenStore for Arc<RedisStore> {
         &'a self,
         kc_sid: Option<&'a str>,
         sub: Option<&'a str>,
-    ) -> BoxFuture<'a, Vec<(String, StoredLogin)>> {
+    ) -> BoxFuture<'a, Vec<(Option<String>, StoredLogin)>> {
         Box::pin(async move {
             let mut out = Vec::new();
             let local: Vec<(String, Arc<str>)> = self
@@ -471,7 +471,7 @@ impl TokenStore for Arc<RedisStore> {
                 .collect();
             for (hash, login_id) in local {
                 if let Some(s) = self.remove_hash(&hash).await {
-                    out.push((login_id.to_string(), s));
+                    out.push((Some(login_id.to_string()), s));
                 }
             }
             // Logins of other instances, through the index sets.
@@ -494,12 +494,12 @@ impl TokenStore for Arc<RedisStore> {
                 else {
                     continue;
                 };
-                let matches = self
-                    .keys
-                    .open(&record_key(&hash), &v)
-                    .is_some_and(|s| matches_logout(&s, kc_sid, sub));
-                if matches {
+                let Some(s) = self.keys.open(&record_key(&hash), &v) else {
+                    continue;
+                };
+                if matches_logout(&s, kc_sid, sub) {
                     self.remove_hash(&hash).await;
+                    out.push((None, s));
                 }
             }
             out

@@ -64,12 +64,13 @@ pub trait TokenStore: Send + Sync {
     /// Removes the login everywhere; returns it as it was, if known.
     fn remove<'a>(&'a self, login_id: &'a str) -> BoxFuture<'a, Option<StoredLogin>>;
     /// Removes the logins whose Keycloak session id or user matches ([`matches_logout`], back-channel logout)
-    /// everywhere; returns those known here (id and tokens), whose tabs the caller closes.
+    /// everywhere; returns them, with their login id when known here (the caller closes their tabs here; the
+    /// instances that know the others close theirs).
     fn remove_matching<'a>(
         &'a self,
         kc_sid: Option<&'a str>,
         sub: Option<&'a str>,
-    ) -> BoxFuture<'a, Vec<(String, StoredLogin)>>;
+    ) -> BoxFuture<'a, Vec<(Option<String>, StoredLogin)>>;
     /// The login as the shared store has it now (another instance may have refreshed it): a refresh starts from
     /// there, never from a refresh token that may have been rotated out.
     fn reload<'a>(&'a self, login_id: &'a str) -> BoxFuture<'a, Shared>;
@@ -143,7 +144,7 @@ impl TokenStore for MemoryStore {
         &'a self,
         kc_sid: Option<&'a str>,
         sub: Option<&'a str>,
-    ) -> BoxFuture<'a, Vec<(String, StoredLogin)>> {
+    ) -> BoxFuture<'a, Vec<(Option<String>, StoredLogin)>> {
         Box::pin(async move {
             let ids: Vec<String> = self
                 .cache
@@ -154,7 +155,7 @@ impl TokenStore for MemoryStore {
             let mut out = Vec::new();
             for id in ids {
                 if let Some(s) = self.cache.remove(&id).await {
-                    out.push((id, s));
+                    out.push((Some(id), s));
                 }
             }
             out

@@ -337,8 +337,11 @@ async fn backchannel_logout(
     };
     match c.backchannel_logout(&token).await {
         Ok(dropped) => {
+            // Logins known only elsewhere: their instances close their tabs (the store announces the removal).
             for (login_id, s) in &dropped {
-                close_tabs_of(&app, &s.user.id, login_id);
+                if let Some(login_id) = login_id {
+                    close_tabs_of(&app, &s.user.id, login_id);
+                }
             }
             let mut r = StatusCode::OK.into_response();
             r.headers_mut()
