@@ -197,8 +197,15 @@ impl Custody {
         } else {
             c.allowed_redirect_origins.clone()
         };
-        // A refresh is one token request and a verification (perhaps a key fetch): a lock outliving both.
-        let refresh_wait = Duration::from_millis(config.auth.http_timeout_ms.saturating_mul(3));
+        // A refresh is one token request and a verification, which may wait for the next allowed key fetch and
+        // make it: the lock outlives all of them, so no other instance spends the refresh token meanwhile.
+        let refresh_wait = Duration::from_millis(
+            config
+                .auth
+                .http_timeout_ms
+                .saturating_mul(3)
+                .saturating_add(config.auth.jwks_refetch_min_interval_ms),
+        );
         Ok(Custody {
             http: reqwest::Client::builder()
                 .timeout(Duration::from_millis(config.auth.http_timeout_ms))
