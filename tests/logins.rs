@@ -267,7 +267,8 @@ async fn the_tabs_of_a_killed_instance_are_served_by_another_without_logging_in_
     ping(&mut t, "on b").await;
 }
 
-#[tokio::test]
+/// On two threads, so that the two refreshes really run at the same moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_refreshing_one_login_at_once_send_one_refresh_request() {
     let kc = realm(Duration::from_secs(300)).await;
     let redis = RedisServer::start();
@@ -280,8 +281,12 @@ async fn two_instances_refreshing_one_login_at_once_send_one_refresh_request() {
     );
     for round in 0..3 {
         let before = kc.realm().token_requests("refresh_token");
-        let (ra, rb) = tokio::join!(ca.refresh(&id), cb.refresh(&id));
-        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        let (ra, rb) = {
+            let (ca, cb, ia, ib) = (ca.clone(), cb.clone(), id.clone(), id.clone());
+            let a = tokio::spawn(async move { ca.refresh(&ia).await });
+            let b = tokio::spawn(async move { cb.refresh(&ib).await });
+            (a.await.unwrap().unwrap(), b.await.unwrap().unwrap())
+        };
         assert_eq!(
             kc.realm().token_requests("refresh_token"),
             before + 1,
