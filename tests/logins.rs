@@ -491,3 +491,40 @@ async fn a_backchannel_logout_received_by_any_instance_closes_the_logins_tabs_on
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_logout_made_while_redis_is_down_closes_the_logins_tabs_elsewhere_when_it_returns() {
+    let kc = realm(Duration::from_secs(300)).await;
+    let mut redis = RedisServer::start();
+    let port = redis.port;
+    let a = instance(&kc, &redis, "a", &[OLD_KEY]).await;
+    let b = instance(&kc, &redis, "b", &[OLD_KEY]).await;
+    let cookie = login(&a.base).await;
+    let mut on_a = tab(&a.t.local_addr().to_string(), &a.base, &cookie).await;
+    let mut on_b = tab(&b.t.local_addr().to_string(), &b.base, &cookie).await;
+
+    redis.stop();
+    support::eventually("b sees Redis down", || b.t.app().broker.state() == "down").await;
+    let r = reqwest::Client::new()
+        .post(format!("{}/auth/logout", b.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["loggedOut"], true);
+    assert_eq!(
+        on_b.closed().await.0,
+        Some(4003),
+        "at once on its own instance"
+    );
+    // a cannot hear of it yet (degraded): its tab stays.
+    ping(&mut on_a, "not yet").await;
+
+    let _redis = RedisServer::start_on(port);
+    let (code, _) = on_a.closed().await;
+    assert_eq!(code, Some(4003), "reconciled: the logout reaches a");
+    support::eventually_async("gone on a", || async {
+        me(&a.base, &cookie).await.0 == 401
+    })
+    .await;
+}

@@ -286,8 +286,17 @@ impl RedisStore {
         }
     }
 
+    /// A login found removed in Redis (its tombstone) while this instance still had it: drop it and close its
+    /// tabs here (the announcement was missed, or came before our write-back).
+    async fn found_removed(&self, hash: &str, on_removed: &OnRemoved) {
+        self.unsynced().remove(hash);
+        if let Some((login_id, s)) = self.local.remove(hash).await {
+            on_removed(&s.user.id, &login_id);
+        }
+    }
+
     /// Writes back what an outage kept local: removals first, then logins made or refreshed meanwhile.
-    async fn reconcile(&self) {
+    async fn reconcile(&self, on_removed: &OnRemoved) {
         let removals: Vec<(String, Duration)> = self.unremoved().drain().collect();
         for (hash, ttl) in removals {
             if self.delete(&hash, ttl).await.is_err() {
@@ -303,7 +312,7 @@ impl RedisStore {
             match self.write(&hash, &login).await {
                 Ok(true) => {}
                 // Removed elsewhere meanwhile: so here too.
-                Ok(false) => self.local.invalidate(&hash).await,
+                Ok(false) => self.found_removed(&hash, on_removed).await,
                 Err(Down) => {
                     self.unsynced().insert(hash, login_id);
                 }
@@ -318,8 +327,9 @@ impl RedisStore {
     }
 
     /// After an outage Redis may have lost its data (a restart without persistence): every login used here goes
-    /// back where it is missing (never over a newer copy, never over a tombstone).
-    async fn write_back_all(&self) {
+    /// back where it is missing (never over a newer copy, never over a tombstone). A tombstone found means a
+    /// logout this instance did not hear: its tabs close here now.
+    async fn write_back_all(&self, on_removed: &OnRemoved) {
         let all: Vec<(String, StoredLogin)> = self
             .local
             .iter()
@@ -328,7 +338,8 @@ impl RedisStore {
         for (hash, login) in all {
             match self.write_with(&hash, &login, true).await {
                 Ok(true) => {}
-                Ok(false) => self.local.invalidate(&hash).await,
+                // Logged out elsewhere while we could not hear it.
+                Ok(false) => self.found_removed(&hash, on_removed).await,
                 Err(Down) => return,
             }
         }
@@ -358,9 +369,9 @@ impl RedisStore {
                 if pubsub.subscribe(REMOVED_CHANNEL).await.is_ok() {
                     backoff.reset();
                     // Removals announced while unsubscribed are missed: the refresh lock's reload still sees them.
-                    self.reconcile().await;
+                    self.reconcile(&on_removed).await;
                     if !first {
-                        self.write_back_all().await;
+                        self.write_back_all(&on_removed).await;
                     }
                     first = false;
                     let mut stream = pubsub.into_on_message();
@@ -376,7 +387,7 @@ impl RedisStore {
                             },
                             _ = tick.tick() => {
                                 if !self.unsynced().is_empty() || !self.unremoved().is_empty() {
-                                    self.reconcile().await;
+                                    self.reconcile(&on_removed).await;
                                 }
                             }
                         }
