@@ -10,6 +10,7 @@
 //! - Removing a login (logout, back-channel logout, a refused refresh) deletes the record, leaves a tombstone (so
 //!   an instance writing back after an outage does not bring it back) and announces the hash on
 //!   `tabhub:logins:removed`: every instance drops its copy and closes that login's tabs.
+//! - [`schema`]: the Redis keys, scripts and channel.
 //! - Back-channel logout finds logins of other instances through index sets by user and by provider session
 //!   (hashed too).
 //! - Redis unreachable: each instance keeps serving its local copies (degraded); logins written or removed
@@ -26,68 +27,18 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
-use serde::{Deserialize, Serialize};
 use tabhub_commands::BoxFuture;
 use tokio_util::sync::CancellationToken;
+
+mod schema;
 
 use super::record::Keys;
 use super::store::{matches_logout, OnRemoved, RefreshTurn, Shared, StoredLogin, TokenStore};
 use crate::backoff::Backoff;
-
-/// The pub/sub channel announcing removed logins (by hash).
-const REMOVED_CHANNEL: &str = "tabhub:logins:removed";
-
-/// Writes a record unless the login was removed (its tombstone) or, with `only_if_absent`, is there already; adds
-/// it to its index sets, each kept at least as long as the record. KEYS: record, tombstone, index sets...; ARGV:
-/// sealed record, TTL ms, hash, only_if_absent (1 or 0).
-const PUT: &str = r"
-if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-if ARGV[4] == '1' and redis.call('EXISTS', KEYS[1]) == 1 then return 1 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-for i = 3, #KEYS do
-  redis.call('SADD', KEYS[i], ARGV[3])
-  if redis.call('PTTL', KEYS[i]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[i], ARGV[2]) end
-end
-return 1";
-
-/// Deletes a record and leaves its tombstone; returns the record. KEYS: record, tombstone; ARGV: tombstone TTL ms.
-const REMOVE: &str = r"
-local v = redis.call('GET', KEYS[1])
-redis.call('DEL', KEYS[1])
-redis.call('SET', KEYS[2], '1', 'PX', ARGV[1])
-return v";
-
-/// Releases a lock only if it still holds this holder's token. KEYS: lock; ARGV: token.
-const UNLOCK: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0";
-
-/// A removal, as announced to the other instances.
-#[derive(Serialize, Deserialize)]
-struct Removed {
-    /// The login's hash.
-    login: String,
-}
-
-fn sha(text: &str) -> String {
-    URL_SAFE_NO_PAD.encode(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()))
-}
-
-fn record_key(hash: &str) -> String {
-    format!("tabhub:login:{hash}")
-}
-fn tombstone_key(hash: &str) -> String {
-    format!("tabhub:login:{hash}:removed")
-}
-fn lock_key(hash: &str) -> String {
-    format!("tabhub:login:{hash}:refreshing")
-}
-fn by_sub_key(sub: &str) -> String {
-    format!("tabhub:logins:by-sub:{}", sha(sub))
-}
-fn by_sid_key(sid: &str) -> String {
-    format!("tabhub:logins:by-sid:{}", sha(sid))
-}
+use schema::{
+    by_sid_key, by_sub_key, lock_key, record_key, sha, tombstone_key, Removed, PUT, REMOVE,
+    REMOVED_CHANNEL, UNLOCK,
+};
 
 /// Local copies expire with their refresh token.
 struct LocalExpiry;
