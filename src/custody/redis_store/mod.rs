@@ -386,6 +386,7 @@ impl RedisStore {
     }
 }
 
+/// On the `Arc`: [`TokenStore::start`] hands the store to its background task.
 impl TokenStore for Arc<RedisStore> {
     fn get<'a>(&'a self, login_id: &'a str) -> BoxFuture<'a, Option<StoredLogin>> {
         Box::pin(async move {
