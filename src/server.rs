@@ -157,6 +157,9 @@ pub async fn start(
         }
     });
     app.broker.start(app.stop.clone());
+    if let Some(c) = &app.custody {
+        crate::routes::custody::start_store(c, &app);
+    }
     // `/metrics` goes where `metrics.listen` says, to the peers `metrics.allow` says.
     let metrics_route = {
         let allow = allow.clone();

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use super::auth::AuthConfig;
 use super::error::{key_error, ConfigError};
+use super::publish::{BrokerConfig, BrokerKind};
 
 /// Token custody: tabhub logs users in (authorization code + PKCE) and keeps their tokens server-side, behind a
 /// login cookie (custody's unit is a login, see `crate::custody`); browsers never hold Keycloak tokens.
@@ -55,6 +56,12 @@ pub struct CustodyConfig {
     pub introspection_fail_open: bool,
     /// Back-channel logout tokens older than this (`iat`) are refused; their `jti`s are remembered as long.
     pub logout_token_max_age_ms: u64,
+    /// With `broker.kind = "redis"`: the keys (32 bytes each, base64, newest first) sealing logins' tokens in Redis
+    /// (AES-256-GCM), where every instance finds them (an instance lost, its users stay logged in). The first seals,
+    /// every listed key opens: to rotate, put a new key first and drop the old one once the longest refresh token
+    /// sealed with it has expired. Required when custody is enabled with a Redis broker; secrets, like
+    /// `client_secret`.
+    pub store_keys: Vec<String>,
 }
 
 impl Default for CustodyConfig {
@@ -81,6 +88,7 @@ impl Default for CustodyConfig {
             introspection_cache_ms: 5_000,
             introspection_fail_open: false,
             logout_token_max_age_ms: 120_000,
+            store_keys: Vec::new(),
         }
     }
 }
@@ -116,8 +124,39 @@ impl CustodyConfig {
             })
     }
 
-    /// Checked only when enabled. Custody's access tokens are verified like any other, hence `auth`.
-    pub(super) fn validate(&self, auth: &AuthConfig) -> Result<(), ConfigError> {
+    /// `store_keys` decoded, newest first. The error names the key's position, never the key.
+    pub fn store_key_bytes(&self) -> Result<Vec<[u8; LOGIN_COOKIE_KEY_BYTES]>, ConfigError> {
+        use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
+        use base64::Engine;
+        self.store_keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                let k = k.trim().trim_end_matches('=');
+                let name = format!("custody.store_keys[{i}]");
+                let bytes = STANDARD_NO_PAD
+                    .decode(k)
+                    .or_else(|_| URL_SAFE_NO_PAD.decode(k))
+                    .map_err(|_| key_error(&name, "not base64"))?;
+                <[u8; LOGIN_COOKIE_KEY_BYTES]>::try_from(bytes.as_slice()).map_err(|_| {
+                    key_error(
+                        &name,
+                        format!(
+                            "must be {LOGIN_COOKIE_KEY_BYTES} bytes, base64 (e.g. `openssl rand -base64 32`)"
+                        ),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// Checked only when enabled. Custody's access tokens are verified like any other, hence `auth`; a Redis
+    /// `broker` means logins are shared through Redis, hence sealed with `store_keys`.
+    pub(super) fn validate(
+        &self,
+        auth: &AuthConfig,
+        broker: &BrokerConfig,
+    ) -> Result<(), ConfigError> {
         if !self.enabled {
             return Ok(());
         }
@@ -164,6 +203,14 @@ impl CustodyConfig {
             ));
         }
         self.login_cookie_key_bytes()?;
+        self.store_key_bytes()?;
+        if broker.kind == BrokerKind::Redis && self.store_keys.is_empty() {
+            return Err(key_error(
+                "custody.store_keys",
+                "required when custody.enabled and broker.kind = \"redis\": logins are kept in Redis, sealed with \
+                 these keys (32 bytes base64 each, newest first, e.g. `openssl rand -base64 32`)",
+            ));
+        }
         for (key, v) in [
             (
                 "custody.logins_per_second_per_address",

@@ -167,7 +167,7 @@ impl Config {
         self.access.validate()?;
         self.broker.validate()?;
         self.publish.validate()?;
-        self.custody.validate(&self.auth)?;
+        self.custody.validate(&self.auth, &self.broker)?;
         backend::validate_backends(&self.backends)
     }
 }
@@ -260,6 +260,53 @@ mod tests {
         env.push(("TABHUB_HOOKS_PATH".into(), "/ws".into()));
         let e = Config::load(None, env).unwrap_err().to_string();
         assert!(e.contains("hooks.path"), "{e}");
+    }
+
+    #[test]
+    fn custody_on_redis_needs_store_keys_and_names_a_bad_one_without_showing_it() {
+        let mut env = minimal();
+        for (k, v) in [
+            ("TABHUB_AUTH_CLIENT_IDS", "renku-ui, tabhub"),
+            ("TABHUB_CUSTODY_ENABLED", "true"),
+            ("TABHUB_CUSTODY_CLIENT_ID", "tabhub"),
+            ("TABHUB_CUSTODY_CLIENT_SECRET", "s"),
+            (
+                "TABHUB_CUSTODY_REDIRECT_URI",
+                "https://t.example/auth/callback",
+            ),
+            ("TABHUB_BROKER_KIND", "redis"),
+            ("TABHUB_BROKER_REDIS_URL", "redis://127.0.0.1:6379/"),
+        ] {
+            env.retain(|(name, _)| name != k);
+            env.push((k.into(), v.into()));
+        }
+        let e = Config::load(None, env.clone()).unwrap_err().to_string();
+        assert!(
+            e.contains("custody.store_keys") && e.contains("redis"),
+            "{e}"
+        );
+
+        let mut bad = env.clone();
+        bad.push((
+            "TABHUB_CUSTODY_STORE_KEYS".into(),
+            "c2VjcmV0LXNlY3JldA==".into(),
+        ));
+        let e = Config::load(None, bad).unwrap_err().to_string();
+        assert!(
+            e.contains("custody.store_keys[0]") && e.contains("32 bytes"),
+            "{e}"
+        );
+        assert!(!e.contains("c2VjcmV0"), "the key is not shown: {e}");
+
+        env.push((
+            "TABHUB_CUSTODY_STORE_KEYS".into(),
+            "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=, AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=".into(),
+        ));
+        let c = Config::load(None, env).unwrap();
+        assert_eq!(
+            c.custody.store_key_bytes().unwrap(),
+            vec![[2u8; 32], [1u8; 32]]
+        );
     }
 
     #[test]

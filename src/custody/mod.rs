@@ -10,13 +10,16 @@
 //! [`StoredLogin::kc_sid`]) and Renku's notebook sessions. Configuration keys and the cookie keep their names
 //! (`custody.cookie_name`, default `tabhub_session`): operators' files and browsers' cookies must keep working.
 //!
-//! - [`store`]: where token sets live ([`TokenStore`], in memory for now);
+//! - [`store`]: where token sets live ([`TokenStore`]; in memory for one process);
+//! - [`redis_store`]: in Redis, shared by the instances (`broker.kind = "redis"`), sealed by [`record`];
 //! - [`pending`]: the pending login sealed in the browser (state, nonce, PKCE verifier, redirect);
 //! - [`routes`]: `/auth/login`, `/auth/callback`, `/auth/me`, `/auth/logout`, `/auth/backchannel-logout`.
 //!
 //! Nothing here logs a token, a code or a login id.
 
 pub mod pending;
+pub mod record;
+pub mod redis_store;
 pub mod store;
 
 use std::sync::Arc;
@@ -36,10 +39,12 @@ use serde_json::Value;
 
 use crate::auth::{AuthError, Realm, Verified};
 use crate::clock::now_unix;
-use crate::config::{Config, CustodyConfig};
+use crate::config::{BrokerKind, Config, CustodyConfig};
 use crate::metrics::Metrics;
 use pending::{PendingLogin, Sealer, MAX_REDIRECT_BYTES};
+use redis_store::{RedisSettings, RedisStore};
 pub use store::{MemoryStore, StoredLogin, TokenStore};
+use store::{RefreshTurn, Shared};
 
 type OidcClient = CoreClient<
     EndpointSet,
@@ -99,7 +104,56 @@ pub struct Custody {
     introspected: moka::future::Cache<Arc<str>, bool>,
     /// Logout tokens' `jti`s already seen.
     seen_jti: moka::future::Cache<String, ()>,
+    /// How long another instance's refresh of a login is waited for before trying again (its lock's lifetime).
+    refresh_wait: Duration,
     metrics: Arc<Metrics>,
+}
+
+/// Most logins kept (in memory; locally with Redis).
+const MAX_LOGINS: u64 = 1_000_000;
+
+/// The store the configuration names: Redis with a Redis broker (sealed with `custody.store_keys`), else memory.
+fn token_store(config: &Config, lock_ttl: Duration) -> Arc<dyn TokenStore> {
+    if config.broker.kind != BrokerKind::Redis {
+        return Arc::new(MemoryStore::new(MAX_LOGINS));
+    }
+    let keys = config
+        .custody
+        .store_key_bytes()
+        .ok()
+        .and_then(|k| record::Keys::new(&k));
+    let client = redis::Client::open(config.broker.redis_url.as_str()).ok();
+    match (keys, client) {
+        (Some(keys), Some(client)) => {
+            let b = &config.broker;
+            Arc::new(Arc::new(RedisStore::new(
+                RedisSettings {
+                    client,
+                    timeout: Duration::from_millis(b.timeout_ms),
+                    lock_ttl,
+                    default_refresh_lifetime: Duration::from_millis(
+                        config.custody.default_refresh_lifetime_ms,
+                    ),
+                    reconnect_initial: Duration::from_millis(b.reconnect_initial_ms),
+                    reconnect_max: Duration::from_millis(b.reconnect_max_ms),
+                },
+                keys,
+                MAX_LOGINS,
+            )))
+        }
+        // Only a configuration that skipped validation gets here.
+        _ => {
+            tracing::error!(
+                "custody.store_keys or broker.redis_url unusable: logins are kept in this process only"
+            );
+            Arc::new(MemoryStore::new(MAX_LOGINS))
+        }
+    }
+}
+
+/// Whether `shared` is a later token set than `ours` (another instance refreshed it).
+fn newer(shared: &StoredLogin, ours: &StoredLogin) -> bool {
+    shared.refresh_token != ours.refresh_token || shared.access_token != ours.access_token
 }
 
 /// A random, URL-safe login id (256 bits).
@@ -143,13 +197,23 @@ impl Custody {
         } else {
             c.allowed_redirect_origins.clone()
         };
+        // A refresh is one token request and a verification, which may wait for the next allowed key fetch and
+        // make it: the lock outlives all of them, so no other instance spends the refresh token meanwhile.
+        let refresh_wait = Duration::from_millis(
+            config
+                .auth
+                .http_timeout_ms
+                .saturating_mul(3)
+                .saturating_add(config.auth.jwks_refetch_min_interval_ms),
+        );
         Ok(Custody {
             http: reqwest::Client::builder()
                 .timeout(Duration::from_millis(config.auth.http_timeout_ms))
                 // No redirects when talking to the identity provider (SSRF, as openidconnect recommends).
                 .redirect(reqwest::redirect::Policy::none())
                 .build()?,
-            store: Arc::new(MemoryStore::new(1_000_000)),
+            store: token_store(config, refresh_wait),
+            refresh_wait,
             sealer: {
                 let sealer = c
                     .login_cookie_key_bytes()
@@ -419,7 +483,8 @@ impl Custody {
     }
 
     /// Refreshes a login's tokens. Concurrent calls for one login share one request; a rotated refresh token is
-    /// stored. `Rejected` (Keycloak said `invalid_grant`...) drops the stored login.
+    /// stored. With instances sharing logins, one refreshes at a time and the others take its result
+    /// ([`Custody::refresh_in_turn`]). `Rejected` (Keycloak said `invalid_grant`...) drops the stored login.
     pub async fn refresh(&self, login_id: &str) -> Result<StoredLogin, CustodyError> {
         let stored = self
             .store
@@ -429,23 +494,64 @@ impl Custody {
         let key = stored.refresh_token.clone();
         let result = self
             .refreshes
-            .try_get_with(key, self.exchange_refresh(&stored))
+            .try_get_with(key, self.refresh_in_turn(login_id, stored))
             .await
             .map_err(|e: Arc<CustodyError>| (*e).clone());
-        match result {
-            Ok(new) => {
-                // Do not resurrect a login logged out meanwhile.
-                if self.store.get(login_id).await.is_some() {
-                    self.store.put(login_id, new.clone()).await;
-                }
-                Ok(new)
-            }
-            Err(CustodyError::Rejected) => {
-                self.store.remove(login_id).await;
-                Err(CustodyError::Rejected)
-            }
-            Err(e) => Err(e),
+        if let Err(CustodyError::Rejected) = result {
+            self.store.remove(login_id).await;
         }
+        result
+    }
+
+    /// Refreshes when this instance holds the login's refresh lock; while another instance holds it, waits for its
+    /// result (a later token set in the store), taking the lock over if that instance died holding it.
+    async fn refresh_in_turn(
+        &self,
+        login_id: &str,
+        stored: StoredLogin,
+    ) -> Result<StoredLogin, CustodyError> {
+        let deadline = tokio::time::Instant::now() + self.refresh_wait * 2;
+        loop {
+            let turn = self.store.lock_refresh(login_id).await;
+            if turn != RefreshTurn::Theirs {
+                let result = self.refresh_holding(login_id, stored).await;
+                self.store.unlock_refresh(login_id, turn).await;
+                return result;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(CustodyError::Unavailable);
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+            match self.store.reload(login_id).await {
+                Shared::Found(s) if newer(&s, &stored) => return Ok(s),
+                Shared::Gone => return Err(CustodyError::NoLogin),
+                _ => {}
+            }
+        }
+    }
+
+    /// The refresh itself, in this instance's turn: from the store's newest token set (if another instance
+    /// refreshed it meanwhile and its access token is fresh, that set is the answer, and no request is made).
+    async fn refresh_holding(
+        &self,
+        login_id: &str,
+        stored: StoredLogin,
+    ) -> Result<StoredLogin, CustodyError> {
+        let base = match self.store.reload(login_id).await {
+            Shared::Found(s) => s,
+            Shared::Gone => return Err(CustodyError::NoLogin),
+            Shared::Unreachable => stored.clone(),
+        };
+        let tolerance = self.config.refresh_tolerance_ms.div_ceil(1000);
+        if newer(&base, &stored) && base.access_exp > now_unix() + tolerance {
+            return Ok(base);
+        }
+        let new = self.exchange_refresh(&base).await?;
+        // Do not resurrect a login logged out meanwhile.
+        if self.store.get(login_id).await.is_some() {
+            self.store.put(login_id, new.clone()).await;
+        }
+        Ok(new)
     }
 
     async fn exchange_refresh(&self, stored: &StoredLogin) -> Result<StoredLogin, CustodyError> {
@@ -572,11 +678,12 @@ impl Custody {
     }
 
     /// OpenID Connect Back-Channel Logout 1.0: verifies the logout token and drops the logins it names (by Keycloak
-    /// session or by user). Returns the dropped logins (id and tokens) so their tabs can be closed.
+    /// session or by user). Returns the dropped logins (tokens, and the login id when known here) so their tabs can
+    /// be closed.
     pub async fn backchannel_logout(
         &self,
         logout_token: &str,
-    ) -> Result<Vec<(String, StoredLogin)>, CustodyError> {
+    ) -> Result<Vec<(Option<String>, StoredLogin)>, CustodyError> {
         #[derive(Deserialize)]
         struct LogoutClaims {
             iat: Option<u64>,
@@ -637,16 +744,10 @@ impl Custody {
         if !entry.is_fresh() {
             return Err(CustodyError::BadLogoutToken("replayed (jti already seen)"));
         }
-        let mut dropped = Vec::new();
-        for login_id in self
+        let dropped = self
             .store
-            .find(claims.sid.as_deref(), claims.sub.as_deref())
-            .await
-        {
-            if let Some(s) = self.store.remove(&login_id).await {
-                dropped.push((login_id, s));
-            }
-        }
+            .remove_matching(claims.sid.as_deref(), claims.sub.as_deref())
+            .await;
         if dropped.is_empty() {
             // Not an error for the provider (the login may have ended here first), but a logout token that matches
             // nothing may also be a login tabhub cannot match (no sid kept): worth seeing. Never the token, nor

@@ -1,5 +1,6 @@
-//! Where the server keeps logins' tokens. In memory for now (moka, each entry expiring with its refresh
-//! token); the [`TokenStore`] trait is the seam for a shared store (multi-instance failover).
+//! Where the server keeps logins' tokens: the [`TokenStore`] trait, and [`MemoryStore`] (moka, each entry expiring
+//! with its refresh token), the store of a single process (`broker.kind = "memory"`). The shared store of several
+//! instances is [`super::redis_store`].
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,17 +33,54 @@ impl std::fmt::Debug for StoredLogin {
     }
 }
 
+/// Whose turn it is to refresh a login (spend its refresh token): with several instances sharing logins, only one
+/// may, or the provider sees a rotated-out refresh token and may end the whole session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefreshTurn {
+    /// No other instance can refresh it: one process, or a shared store that cannot be reached (degraded).
+    Alone,
+    /// This instance holds the login's refresh lock, fenced by this random token (released with it only).
+    Ours(String),
+    /// Another instance holds the lock: wait for its result instead.
+    Theirs,
+}
+
+/// A login as the shared store has it, past any local cache.
+pub enum Shared {
+    Found(StoredLogin),
+    /// Not there: logged out (or expired) everywhere.
+    Gone,
+    /// The shared store cannot be reached: only the local copy is known.
+    Unreachable,
+}
+
+/// Called with `(user id, login id)` when a login was removed on another instance: its tabs here must close.
+pub type OnRemoved = Arc<dyn Fn(&str, &str) + Send + Sync>;
+
 /// Storage of logins by login id (the cookie's value).
 pub trait TokenStore: Send + Sync {
     fn get<'a>(&'a self, login_id: &'a str) -> BoxFuture<'a, Option<StoredLogin>>;
     fn put<'a>(&'a self, login_id: &'a str, login: StoredLogin) -> BoxFuture<'a, ()>;
+    /// Removes the login everywhere; returns it as it was, if known.
     fn remove<'a>(&'a self, login_id: &'a str) -> BoxFuture<'a, Option<StoredLogin>>;
-    /// Login ids whose Keycloak session id or user matches (back-channel logout).
-    fn find<'a>(
+    /// Removes the logins whose Keycloak session id or user matches ([`matches_logout`], back-channel logout)
+    /// everywhere; returns them, with their login id when known here (the caller closes their tabs here; the
+    /// instances that know the others close theirs).
+    fn remove_matching<'a>(
         &'a self,
         kc_sid: Option<&'a str>,
         sub: Option<&'a str>,
-    ) -> BoxFuture<'a, Vec<String>>;
+    ) -> BoxFuture<'a, Vec<(Option<String>, StoredLogin)>>;
+    /// The login as the shared store has it now (another instance may have refreshed it): a refresh starts from
+    /// there, never from a refresh token that may have been rotated out.
+    fn reload<'a>(&'a self, login_id: &'a str) -> BoxFuture<'a, Shared>;
+    /// Takes the login's refresh lock if no one holds it.
+    fn lock_refresh<'a>(&'a self, login_id: &'a str) -> BoxFuture<'a, RefreshTurn>;
+    /// Releases a lock [`TokenStore::lock_refresh`] gave (nothing if another holder took it over since).
+    fn unlock_refresh<'a>(&'a self, login_id: &'a str, turn: RefreshTurn) -> BoxFuture<'a, ()>;
+    /// Starts background work until `stop` (a shared store: hearing other instances' logouts, writing back what an
+    /// outage kept local).
+    fn start(&self, _stop: tokio_util::sync::CancellationToken, _on_removed: OnRemoved) {}
 }
 
 /// Back-channel logout: with a session id, the logins made in that provider session (of that user, if `sub` is
@@ -59,7 +97,7 @@ pub fn matches_logout(s: &StoredLogin, kc_sid: Option<&str>, sub: Option<&str>) 
 }
 
 /// Entries expire at their refresh token's expiry.
-struct RefreshExpiry;
+pub(super) struct RefreshExpiry;
 
 impl moka::Expiry<String, StoredLogin> for RefreshExpiry {
     fn expire_after_create(&self, _: &String, v: &StoredLogin, now: Instant) -> Option<Duration> {
@@ -102,18 +140,41 @@ impl TokenStore for MemoryStore {
     fn remove<'a>(&'a self, login_id: &'a str) -> BoxFuture<'a, Option<StoredLogin>> {
         Box::pin(self.cache.remove(login_id))
     }
-    fn find<'a>(
+    fn remove_matching<'a>(
         &'a self,
         kc_sid: Option<&'a str>,
         sub: Option<&'a str>,
-    ) -> BoxFuture<'a, Vec<String>> {
+    ) -> BoxFuture<'a, Vec<(Option<String>, StoredLogin)>> {
         Box::pin(async move {
-            self.cache
+            let ids: Vec<String> = self
+                .cache
                 .iter()
                 .filter(|(_, s)| matches_logout(s, kc_sid, sub))
                 .map(|(k, _)| (*k).clone())
-                .collect()
+                .collect();
+            let mut out = Vec::new();
+            for id in ids {
+                if let Some(s) = self.cache.remove(&id).await {
+                    out.push((Some(id), s));
+                }
+            }
+            out
         })
+    }
+    fn reload<'a>(&'a self, login_id: &'a str) -> BoxFuture<'a, Shared> {
+        Box::pin(async move {
+            match self.cache.get(login_id).await {
+                Some(s) => Shared::Found(s),
+                None => Shared::Gone,
+            }
+        })
+    }
+    /// One process: its refreshes of one login already share one request (`Custody::refresh`).
+    fn lock_refresh<'a>(&'a self, _: &'a str) -> BoxFuture<'a, RefreshTurn> {
+        Box::pin(async { RefreshTurn::Alone })
+    }
+    fn unlock_refresh<'a>(&'a self, _: &'a str, _: RefreshTurn) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
     }
 }
 

@@ -296,6 +296,21 @@ async fn logout(c: Arc<Custody>, State(app): State<Arc<App>>, headers: HeaderMap
     r
 }
 
+/// Starts the login store's background work: a login removed on another instance (logout, back-channel logout)
+/// closes its tabs here. Holds the app weakly: the store lives in the app.
+pub fn start_store(c: &Custody, app: &Arc<App>) {
+    let stop = app.stop.clone();
+    let app = Arc::downgrade(app);
+    c.store().start(
+        stop,
+        Arc::new(move |user, login_id| {
+            if let Some(app) = app.upgrade() {
+                close_tabs_of(&app, user, login_id);
+            }
+        }),
+    );
+}
+
 fn close_tabs_of(app: &App, user: &str, login_id: &str) {
     if let Some(session) = app.hub.get(user) {
         session.close_login(
@@ -322,8 +337,11 @@ async fn backchannel_logout(
     };
     match c.backchannel_logout(&token).await {
         Ok(dropped) => {
+            // Logins known only elsewhere: their instances close their tabs (the store announces the removal).
             for (login_id, s) in &dropped {
-                close_tabs_of(&app, &s.user.id, login_id);
+                if let Some(login_id) = login_id {
+                    close_tabs_of(&app, &s.user.id, login_id);
+                }
             }
             let mut r = StatusCode::OK.into_response();
             r.headers_mut()
