@@ -1,5 +1,7 @@
 //! `tabhub demo`'s setup, composed as `tabhub demo` composes it (issuer, fixture GitLab, gateway on one listener):
-//! the fixture GitLab posts GitLab-shaped webhooks to the demo's receiver, and the demo's topics flow.
+//! the fixture GitLab posts GitLab-shaped webhooks to the demo's receiver, and the demo's topics flow. Built only
+//! with the `demo` feature (CI also checks the product without it).
+#![cfg(feature = "demo")]
 
 mod support;
 
