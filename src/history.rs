@@ -161,13 +161,17 @@ return ids
 "
 );
 
-/// Reads a topic's last id and the events after an id. An id beyond the last one comes from a history since lost:
-/// everything kept is read (see `replay_from`).
+/// Reads a topic's last id and the newest events after an id, at most `ARGV[2]`, oldest first: the newest, since a
+/// stream trimmed with `MAXLEN ~` keeps more than that, and a replay of the oldest would leave a hole between it and
+/// the live events, where the newest tell a hole by their first id (`gap`). An id beyond the last one comes from a
+/// history since lost: everything kept is read (see `replay_from`).
 const READ: &str = r"
 local seq = tonumber(redis.call('GET', KEYS[2]) or '0')
 local after = ARGV[1]
 if tonumber(after) > seq then after = '0' end
-local entries = redis.call('XRANGE', KEYS[1], '(0-' .. after, '+', 'COUNT', ARGV[2])
+local newest = redis.call('XREVRANGE', KEYS[1], '+', '(0-' .. after, 'COUNT', ARGV[2])
+local entries = {}
+for i = #newest, 1, -1 do entries[#entries + 1] = newest[i] end
 return {seq, entries}
 ";
 

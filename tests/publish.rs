@@ -649,3 +649,33 @@ async fn with_redis_down_channel_publishes_are_refused_and_resumes_say_gap() {
     assert_eq!(r["data"]["gap"], true, "{r}");
     assert_eq!(id_of(&again.recv().await), after);
 }
+
+#[tokio::test]
+async fn through_redis_a_resume_from_beyond_the_history_gets_its_newest_with_gap() {
+    let kc = Keycloak::start().await;
+    let redis = RedisServer::start();
+    let mut c = config(&kc);
+    c.broker.kind = tabhub::config::BrokerKind::Redis;
+    c.broker.redis_url = redis.url();
+    // Redis trims `MAXLEN ~ 3` by whole nodes: the stream keeps more than 3, the replay only the newest 3.
+    c.publish.buffer_events = 3;
+    let a = support::start(c, tabhub::commands::builtin()).await;
+    support::eventually("subscribed to Redis", || a.app().broker.state() == "up").await;
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(publish_to(&a, "/events/long", i).await);
+    }
+    let mut tab = Client::connect(&support::ws_url(&a), &kc.token("alice")).await;
+    let r = subscribe_from(&mut tab, "/events/long", &ids[0].to_string()).await;
+    assert_eq!(r["data"]["gap"], true, "{r}");
+    for &id in &ids[7..] {
+        assert_eq!(
+            id_of(&tab.recv().await),
+            id,
+            "the newest, up to the live ones"
+        );
+    }
+    let live = publish_to(&a, "/events/long", 10).await;
+    assert_eq!(id_of(&tab.recv().await), live);
+    tab.expect_silence(Duration::from_millis(200)).await;
+}
