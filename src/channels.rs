@@ -1,4 +1,6 @@
-//! Channels (publish-only topics): which users hold each, and a bounded replay buffer per channel.
+//! Channels (publish-only topics): which users hold each, and a bounded replay buffer per channel. The buffers
+//! serve the memory broker only: with Redis a channel's history is a Redis stream shared by every instance
+//! ([`crate::history::History::channel_after`]), so that ids and resumes do not depend on the instance.
 //!
 //! Lock order: a channel's buffer, then a session, then the index (a leaf). Delivery holds the buffer while it
 //! appends and hands the message to the sessions; a subscription with a `lastEventId` holds it while it registers

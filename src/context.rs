@@ -13,7 +13,7 @@ use tabhub_commands::{
 
 use crate::access::Verdict;
 use crate::clock::now_unix;
-use crate::config::GitlabSource;
+use crate::config::{BrokerKind, GitlabSource};
 use crate::protocol;
 use crate::services::Services;
 use crate::session::hooks::HookRefusal;
@@ -125,6 +125,13 @@ impl Context for TabContext<'_> {
                         "not a project topic nor in a publish namespace ({})",
                         publish.namespaces.join(", ")
                     )));
+                }
+                if services.config.broker.kind == BrokerKind::Redis {
+                    return self
+                        .session
+                        .subscribe_channel_shared(self.tab, topic, last_event_id, reply)
+                        .await
+                        .map_err(|e| refused(e.to_string()));
                 }
                 let Some(buffer) = services.channels.buffer(name) else {
                     return Err(refused(

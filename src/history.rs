@@ -14,6 +14,12 @@
 //!   the broker channel, atomically: every instance receives a project's events in id order. A replay reads the
 //!   stream (`XRANGE`).
 //!
+//! Publish channels with the Redis broker keep their history the same way, keyed by channel under
+//! `publish.redis_prefix`: one script ([`APPEND_CHANNELS`]) gives each channel message of a batch its channel's next
+//! id (the same rule, [`epoch_base`] included), appends it to the channel's stream and publishes the batch; a resume
+//! reads the stream ([`History::channel_after`]). With the memory broker channels keep their in-process buffers
+//! ([`crate::channels`]).
+//!
 //! Lock order: a project's log (memory), then a session, then a tab.
 
 use std::collections::VecDeque;
@@ -69,13 +75,25 @@ impl Stored {
 /// A delivery's identity: the SHA-256 of its `Idempotency-Key`, else of its body.
 pub type DeliveryKey = [u8; 32];
 
-/// What a replay found after an id.
-#[derive(Debug, Default)]
-pub struct Replay {
-    pub events: Vec<Stored>,
+/// What a replay found after an id: webhook events, or a channel's (id, message JSON).
+#[derive(Debug)]
+pub struct Replay<T = Stored> {
+    pub events: Vec<T>,
     /// Some events after the id are gone (older than the history, or an id from before the history was lost).
     pub gap: bool,
 }
+
+impl<T> Default for Replay<T> {
+    fn default() -> Self {
+        Replay {
+            events: Vec::new(),
+            gap: false,
+        }
+    }
+}
+
+/// A publish channel's message as the history keeps it: its id and the message's JSON.
+pub type ChannelEntry = (u64, String);
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum HistoryError {
@@ -83,33 +101,77 @@ pub enum HistoryError {
     Unavailable(String),
 }
 
-/// The Redis side of [`History`]: appends and publishes an event once per delivery key. Returns the id, or 0 for a
-/// delivery seen before. A counter lost while its stream lived on (eviction) resumes after the stream's last id.
-/// The delivery key is set last: a script is atomic for other clients but a failed command does not undo the
-/// earlier ones, so a delivery that failed half-way is not taken for a duplicate when GitLab retries it.
-pub const APPEND: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-if redis.call('EXISTS', KEYS[3]) == 0 then redis.call('SET', KEYS[3], ARGV[6]) end
-local n = redis.call('INCR', KEYS[3])
-local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-if #last > 0 then
-  local l = tonumber(string.match(last[1][1], '%-(%d+)$'))
-  if l and n <= l then n = l + 1; redis.call('SET', KEYS[3], string.format('%.0f', n)) end
+/// The Lua function both append scripts use to take a topic's next id: a counter starting at `base`, and a
+/// counter lost while its stream lived on (eviction) resumes after the stream's last id.
+macro_rules! next_id_lua {
+    () => {
+        r"
+local function next_id(stream, seq, base)
+  if redis.call('EXISTS', seq) == 0 then redis.call('SET', seq, base) end
+  local n = redis.call('INCR', seq)
+  local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+  if #last > 0 then
+    local l = tonumber(string.match(last[1][1], '%-(%d+)$'))
+    if l and n <= l then n = l + 1; redis.call('SET', seq, string.format('%.0f', n)) end
+  end
+  -- Lua numbers are doubles: written with %.0f, never as 1.7e+15.
+  return string.format('%.0f', n)
 end
--- Lua numbers are doubles: written with %.0f, never as 1.7e+15.
-local id = string.format('%.0f', n)
+"
+    };
+}
+
+/// The Redis side of [`History`]: appends and publishes an event once per delivery key. Returns the id, or 0 for a
+/// delivery seen before. The delivery key is set last: a script is atomic for other clients but a failed command
+/// does not undo the earlier ones, so a delivery that failed half-way is not taken for a duplicate when GitLab
+/// retries it.
+pub const APPEND: &str = concat!(
+    next_id_lua!(),
+    r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local id = next_id(KEYS[2], KEYS[3], ARGV[6])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '0-' .. id, 'e', ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 redis.call('PEXPIRE', KEYS[3], ARGV[3])
 redis.call('PUBLISH', ARGV[5], 'H' .. id .. ' ' .. ARGV[4])
 redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
-return n
-";
+return tonumber(id)
+"
+);
 
-/// Reads a project's last id and the events after an id.
+/// The Redis side of a published batch with channel messages: each channel message takes its channel's next id and
+/// joins the channel's stream, then the whole batch is published on the broker channel as `P<ids> <batch JSON>`
+/// (the ids of its channel messages in order, comma-separated), all atomically: every instance receives a channel's
+/// messages in id order, and a publish answered 200 is in the history. KEYS: stream and counter of each channel
+/// message; ARGV: length kept, expiry, id base, broker channel, batch, then each channel message. Returns the ids.
+pub const APPEND_CHANNELS: &str = concat!(
+    next_id_lua!(),
+    r"
+local ids = {}
+for i = 1, #KEYS / 2 do
+  local stream, seq = KEYS[2 * i - 1], KEYS[2 * i]
+  local id = next_id(stream, seq, ARGV[3])
+  redis.call('XADD', stream, 'MAXLEN', '~', ARGV[1], '0-' .. id, 'e', ARGV[5 + i])
+  redis.call('PEXPIRE', stream, ARGV[2])
+  redis.call('PEXPIRE', seq, ARGV[2])
+  ids[i] = id
+end
+redis.call('PUBLISH', ARGV[4], 'P' .. table.concat(ids, ',') .. ' ' .. ARGV[5])
+return ids
+"
+);
+
+/// Reads a topic's last id and the newest events after an id, at most `ARGV[2]`, oldest first: the newest, since a
+/// stream trimmed with `MAXLEN ~` keeps more than that, and a replay of the oldest would leave a hole between it and
+/// the live events, where the newest tell a hole by their first id (`gap`). An id beyond the last one comes from a
+/// history since lost: everything kept is read (see `replay_from`).
 const READ: &str = r"
 local seq = tonumber(redis.call('GET', KEYS[2]) or '0')
-local entries = redis.call('XRANGE', KEYS[1], '(0-' .. ARGV[1], '+', 'COUNT', ARGV[2])
+local after = ARGV[1]
+if tonumber(after) > seq then after = '0' end
+local newest = redis.call('XREVRANGE', KEYS[1], '+', '(0-' .. after, 'COUNT', ARGV[2])
+local entries = {}
+for i = #newest, 1, -1 do entries[#entries + 1] = newest[i] end
 return {seq, entries}
 ";
 
@@ -141,6 +203,13 @@ struct ProjectLog {
     events: VecDeque<Stored>,
 }
 
+/// Where the channels' histories are kept (`[publish]`).
+struct ChannelKeys {
+    prefix: String,
+    events: usize,
+    ttl_ms: u64,
+}
+
 struct Redis {
     client: redis::Client,
     conn: Mutex<Option<redis::aio::MultiplexedConnection>>,
@@ -156,22 +225,28 @@ pub struct History {
     /// Memory broker: deliveries seen lately.
     seen: moka::sync::Cache<DeliveryKey, ()>,
     redis: Option<Redis>,
+    channels: ChannelKeys,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn replay_from(events: impl Iterator<Item = Stored>, after: u64, last: u64) -> Replay {
+fn replay_from<T>(
+    events: impl Iterator<Item = T>,
+    id: impl Fn(&T) -> u64,
+    after: u64,
+    last: u64,
+) -> Replay<T> {
     // An id beyond the last one comes from a history since lost: everything kept is new to the tab.
     let (after, lost) = if after > last {
         (0, true)
     } else {
         (after, false)
     };
-    let events: Vec<Stored> = events.filter(|s| s.id > after).collect();
+    let events: Vec<T> = events.filter(|s| id(s) > after).collect();
     let first_missing = match events.first() {
-        Some(s) => s.id > after + 1,
+        Some(s) => id(s) > after + 1,
         None => last > after,
     };
     Replay {
@@ -203,6 +278,11 @@ impl History {
                 .time_to_live(Duration::from_millis(h.dedupe_ttl_ms))
                 .build(),
             redis,
+            channels: ChannelKeys {
+                prefix: config.publish.redis_prefix.clone(),
+                events: config.publish.buffer_events,
+                ttl_ms: config.publish.history_ttl_ms,
+            },
         }
     }
 
@@ -278,24 +358,21 @@ impl History {
                 return Ok(Replay::default());
             };
             let log = lock(&log);
-            return Ok(replay_from(log.events.iter().cloned(), after, log.last_id));
+            return Ok(replay_from(
+                log.events.iter().cloned(),
+                |s| s.id,
+                after,
+                log.last_id,
+            ));
         };
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(READ)
-            .arg(2)
-            .arg(self.key("stream", project))
-            .arg(self.key("seq", project))
-            .arg(after)
-            .arg(self.config.history_events);
-        let (last, entries): (u64, Vec<(String, Vec<String>)>) = self.query(r, cmd).await?;
+        let stream = self.key("stream", project);
+        let seq = self.key("seq", project);
+        let (last, entries) = self
+            .read(r, &stream, &seq, after, self.config.history_events)
+            .await?;
         let mut events = Vec::with_capacity(entries.len());
-        for (id, fields) in entries {
-            let id = id.strip_prefix("0-").and_then(|n| n.parse::<u64>().ok());
-            let json = fields.get(1);
-            let (Some(id), Some(json)) = (id, json) else {
-                continue;
-            };
-            match serde_json::from_str::<HookEvent>(json) {
+        for (id, json) in entries {
+            match serde_json::from_str::<HookEvent>(&json) {
                 Ok(e) => events.push(Stored {
                     id,
                     event: Arc::new(e),
@@ -303,7 +380,87 @@ impl History {
                 Err(e) => tracing::warn!(error = %e, project, "unreadable event in the history"),
             }
         }
-        Ok(replay_from(events.into_iter(), after, last))
+        Ok(replay_from(events.into_iter(), |s| s.id, after, last))
+    }
+
+    /// A stream's last id (its counter) and its entries after `after`, at most `count`.
+    async fn read(
+        &self,
+        r: &Redis,
+        stream: &str,
+        seq: &str,
+        after: u64,
+        count: usize,
+    ) -> Result<(u64, Vec<ChannelEntry>), HistoryError> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(READ)
+            .arg(2)
+            .arg(stream)
+            .arg(seq)
+            .arg(after)
+            .arg(count);
+        let (last, entries): (u64, Vec<(String, Vec<String>)>) = self.query(r, cmd).await?;
+        let entries = entries
+            .into_iter()
+            .filter_map(|(id, fields)| {
+                let id = id.strip_prefix("0-")?.parse::<u64>().ok()?;
+                Some((id, fields.into_iter().nth(1)?))
+            })
+            .collect();
+        Ok((last, entries))
+    }
+
+    fn channel_key(&self, what: &str, channel: &str) -> String {
+        format!("{}{what}:{channel}", self.channels.prefix)
+    }
+
+    /// Redis: gives each channel message of a batch its channel's next id, keeps it in the channel's stream and
+    /// publishes the batch to every instance (see [`APPEND_CHANNELS`]). `channel_messages` are the batch's channel
+    /// messages in order, (channel, message JSON); `batch` is what the broker channel carries. Returns their ids.
+    pub async fn append_channels(
+        &self,
+        channel_messages: &[(String, String)],
+        batch: &str,
+        broker_channel: &str,
+    ) -> Result<Vec<u64>, HistoryError> {
+        let r = self.redis()?;
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(APPEND_CHANNELS).arg(channel_messages.len() * 2);
+        for (channel, _) in channel_messages {
+            cmd.arg(self.channel_key("stream", channel))
+                .arg(self.channel_key("seq", channel));
+        }
+        cmd.arg(self.channels.events)
+            .arg(self.channels.ttl_ms)
+            .arg(epoch_base())
+            .arg(broker_channel)
+            .arg(batch);
+        for (_, json) in channel_messages {
+            cmd.arg(json);
+        }
+        let ids: Vec<String> = self.query(r, cmd).await?;
+        ids.iter()
+            .map(|id| {
+                id.parse()
+                    .map_err(|_| HistoryError::Unavailable(format!("bad id from Redis: {id}")))
+            })
+            .collect()
+    }
+
+    /// Redis: the messages of publish channel `channel` after id `after` (at most `publish.buffer_events`), oldest
+    /// first, as (id, message JSON).
+    pub async fn channel_after(
+        &self,
+        channel: &str,
+        after: u64,
+    ) -> Result<Replay<ChannelEntry>, HistoryError> {
+        let r = self.redis()?;
+        let stream = self.channel_key("stream", channel);
+        let seq = self.channel_key("seq", channel);
+        let (last, entries) = self
+            .read(r, &stream, &seq, after, self.channels.events)
+            .await?;
+        Ok(replay_from(entries.into_iter(), |e| e.0, after, last))
     }
 
     fn redis(&self) -> Result<&Redis, HistoryError> {

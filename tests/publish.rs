@@ -456,3 +456,226 @@ async fn redis_down_means_503_and_degraded_then_recovery() {
     .await;
     assert_eq!(tab.recv().await["type"], "n");
 }
+
+// ---- Channel history in Redis ----
+
+/// Publishes one message to `channel` through `t`; its id.
+async fn publish_to(t: &tabhub::Running, channel: &str, i: u64) -> u64 {
+    let (status, r) = publish(
+        t,
+        SECRET,
+        json!({"target": {"topic": channel}, "type": "t", "data": {"i": i}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{r}");
+    r["ids"][0].as_str().unwrap().parse().expect("a numeric id")
+}
+
+async fn subscribe_from(c: &mut Client, channel: &str, last: &str) -> Value {
+    c.send(
+        "subscribe",
+        json!({"topic": channel, "lastEventId": last}),
+        None,
+    )
+    .await;
+    let r = c.recv().await;
+    assert_eq!(r["type"], "subscribed", "{r}");
+    r
+}
+
+fn id_of(m: &Value) -> u64 {
+    m["eventId"].as_str().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn through_redis_a_channel_resumes_on_any_instance_with_the_same_ids() {
+    let kc = Keycloak::start().await;
+    let redis = RedisServer::start();
+    let a = redis_instance(&kc, &redis, "a").await;
+    let b = redis_instance(&kc, &redis, "b").await;
+    let mut on_a = Client::connect(&support::ws_url(&a), &kc.token("alice")).await;
+    let mut on_b = Client::connect(&support::ws_url(&b), &kc.token("bob")).await;
+    for c in [&mut on_a, &mut on_b] {
+        c.send("subscribe", json!({"topic": "/events/x"}), None)
+            .await;
+        c.recv_type("subscribed").await;
+    }
+    // A batch mixing targets: the channel messages take the history's ids, consecutive, in order.
+    let (status, r) = publish(
+        &a,
+        SECRET,
+        json!({"messages": [
+            {"target": {"topic": "/events/x"}, "type": "t", "data": {"i": 0}},
+            {"target": {"user": sub_of("carol")}, "type": "u", "data": {}},
+            {"target": {"topic": "/events/x"}, "type": "t", "data": {"i": 1}},
+        ]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{r}");
+    let first: u64 = r["ids"][0].as_str().unwrap().parse().unwrap();
+    assert_eq!(r["ids"][2], (first + 1).to_string());
+    let third = publish_to(&b, "/events/x", 2).await;
+    assert_eq!(
+        third,
+        first + 2,
+        "one sequence per channel, whichever instance"
+    );
+    for c in [&mut on_a, &mut on_b] {
+        for (i, id) in [first, first + 1, first + 2].into_iter().enumerate() {
+            let m = c.recv().await;
+            assert_eq!((id_of(&m), &m["data"]["i"]), (id, &json!(i)), "{m}");
+        }
+    }
+    // The tab on A goes away, misses two, and comes back on B with the last id it had.
+    on_a.close().await;
+    let missed = [
+        publish_to(&a, "/events/x", 3).await,
+        publish_to(&a, "/events/x", 4).await,
+    ];
+    let mut back = Client::connect(&support::ws_url(&b), &kc.token("alice")).await;
+    let r = subscribe_from(&mut back, "/events/x", &(first + 2).to_string()).await;
+    assert_eq!(r["data"].get("gap"), None, "{r}");
+    for (id, i) in missed.into_iter().zip(3..) {
+        let m = back.recv().await;
+        assert_eq!((id_of(&m), &m["data"]["i"]), (id, &json!(i)), "{m}");
+        assert_eq!(m["topic"], "/events/x");
+        assert_eq!(
+            id_of(&on_b.recv().await),
+            id,
+            "the same id on both instances"
+        );
+    }
+    back.expect_silence(Duration::from_millis(300)).await;
+    let live = publish_to(&a, "/events/x", 5).await;
+    assert_eq!(id_of(&back.recv().await), live);
+    back.expect_silence(Duration::from_millis(200)).await;
+
+    // Up to date: nothing replayed; an id this history never gave, or no number: gap, and what it has.
+    let mut c = Client::connect(&support::ws_url(&a), &kc.token("dave")).await;
+    let r = subscribe_from(&mut c, "/events/x", &live.to_string()).await;
+    assert_eq!(r["data"].get("gap"), None, "{r}");
+    c.expect_silence(Duration::from_millis(200)).await;
+    let mut c = Client::connect(&support::ws_url(&a), &kc.token("dave")).await;
+    let r = subscribe_from(&mut c, "/events/x", &(live + 1000).to_string()).await;
+    assert_eq!(r["data"]["gap"], true, "{r}");
+    assert_eq!(id_of(&c.recv().await), first, "the whole history follows");
+    let mut c = Client::connect(&support::ws_url(&a), &kc.token("dave")).await;
+    let r = subscribe_from(&mut c, "/events/x", "not-a-number").await;
+    assert_eq!(r["data"]["gap"], true, "{r}");
+    c.expect_silence(Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+async fn through_redis_a_resume_while_messages_flow_loses_and_repeats_nothing() {
+    let kc = Keycloak::start().await;
+    let redis = RedisServer::start();
+    let a = redis_instance(&kc, &redis, "a").await;
+    let b = redis_instance(&kc, &redis, "b").await;
+    let start = publish_to(&a, "/events/busy", 0).await;
+    let publisher = {
+        let a_addr = a.local_addr();
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut last = 0u64;
+            for i in 1..=40u64 {
+                let r: Value = client
+                    .post(format!("http://{a_addr}/api/publish"))
+                    .bearer_auth(SECRET)
+                    .json(&json!({"target": {"topic": "/events/busy"}, "type": "t", "data": {"i": i}}))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                last = r["ids"][0].as_str().unwrap().parse().unwrap();
+            }
+            last
+        })
+    };
+    // Resumes from the first message while the others are being published through the other instance.
+    let mut tab = Client::connect(&support::ws_url(&b), &kc.token("alice")).await;
+    let r = subscribe_from(&mut tab, "/events/busy", &start.to_string()).await;
+    assert_eq!(r["data"].get("gap"), None, "{r}");
+    let last = publisher.await.unwrap();
+    assert_eq!(last, start + 40);
+    for id in start + 1..=last {
+        assert_eq!(id_of(&tab.recv().await), id, "in order, once each");
+    }
+    tab.expect_silence(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn with_redis_down_channel_publishes_are_refused_and_resumes_say_gap() {
+    let kc = Keycloak::start().await;
+    let mut redis = RedisServer::start();
+    let port = redis.port;
+    let a = redis_instance(&kc, &redis, "a").await;
+    let before = publish_to(&a, "/events/x", 0).await;
+    redis.stop();
+    let body = json!({"target": {"topic": "/events/x"}, "type": "t", "data": {}});
+    support::eventually_async("publish fails with 503", || {
+        let (a, body) = (&a, body.clone());
+        async move { publish(a, SECRET, body).await.0 == 503 }
+    })
+    .await;
+    // The history cannot be read: the tab is subscribed from now on and told that it may have missed some.
+    let mut tab = Client::connect(&support::ws_url(&a), &kc.token("alice")).await;
+    let r = subscribe_from(&mut tab, "/events/x", &before.to_string()).await;
+    assert_eq!(r["data"]["gap"], true, "{r}");
+
+    // A Redis that lost everything: ids start again above every id given before; a resume from an old id says gap.
+    let _redis = RedisServer::start_on(port);
+    support::eventually("resubscribed", || a.app().broker.state() == "up").await;
+    let after = std::sync::atomic::AtomicU64::new(0);
+    support::eventually_async("publish works again", || {
+        let (a, after) = (&a, &after);
+        async move {
+            let body = json!({"target": {"topic": "/events/x"}, "type": "t", "data": {"i": 1}});
+            let (status, r) = publish(a, SECRET, body).await;
+            if status == 200 {
+                let id = r["ids"][0].as_str().unwrap().parse().unwrap();
+                after.store(id, std::sync::atomic::Ordering::Relaxed);
+            }
+            status == 200
+        }
+    })
+    .await;
+    let after = after.into_inner();
+    assert!(after > before, "{after} > {before}");
+    assert_eq!(id_of(&tab.recv().await), after, "live again");
+    let mut again = Client::connect(&support::ws_url(&a), &kc.token("bob")).await;
+    let r = subscribe_from(&mut again, "/events/x", &before.to_string()).await;
+    assert_eq!(r["data"]["gap"], true, "{r}");
+    assert_eq!(id_of(&again.recv().await), after);
+}
+
+#[tokio::test]
+async fn through_redis_a_resume_from_beyond_the_history_gets_its_newest_with_gap() {
+    let kc = Keycloak::start().await;
+    let redis = RedisServer::start();
+    let mut c = config(&kc);
+    c.broker.kind = tabhub::config::BrokerKind::Redis;
+    c.broker.redis_url = redis.url();
+    // Redis trims `MAXLEN ~ 3` by whole nodes: the stream keeps more than 3, the replay only the newest 3.
+    c.publish.buffer_events = 3;
+    let a = support::start(c, tabhub::commands::builtin()).await;
+    support::eventually("subscribed to Redis", || a.app().broker.state() == "up").await;
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(publish_to(&a, "/events/long", i).await);
+    }
+    let mut tab = Client::connect(&support::ws_url(&a), &kc.token("alice")).await;
+    let r = subscribe_from(&mut tab, "/events/long", &ids[0].to_string()).await;
+    assert_eq!(r["data"]["gap"], true, "{r}");
+    for &id in &ids[7..] {
+        assert_eq!(
+            id_of(&tab.recv().await),
+            id,
+            "the newest, up to the live ones"
+        );
+    }
+    let live = publish_to(&a, "/events/long", 10).await;
+    assert_eq!(id_of(&tab.recv().await), live);
+    tab.expect_silence(Duration::from_millis(200)).await;
+}

@@ -22,6 +22,11 @@ pub struct PublishConfig {
     pub max_buffered_topics: usize,
     /// Distinct channels one user's tabs may hold at once: the channel buffers above are shared by all users.
     pub max_channels_per_user: usize,
+    /// `broker.kind = "redis"`: channels keep their history (`buffer_events` messages) in Redis streams, so that
+    /// ids are the same on every instance and `lastEventId` resumes on any of them. Keys start with this prefix
+    /// (`<prefix>stream:<channel>`, `<prefix>seq:<channel>`) and expire after `history_ttl_ms` without a message.
+    pub redis_prefix: String,
+    pub history_ttl_ms: u64,
 }
 
 impl PublishConfig {
@@ -44,6 +49,8 @@ impl Default for PublishConfig {
             buffer_events: 256,
             max_buffered_topics: 10_000,
             max_channels_per_user: 100,
+            redis_prefix: "tabhub:publish:".into(),
+            history_ttl_ms: 86_400_000,
         }
     }
 }
@@ -56,6 +63,12 @@ impl PublishConfig {
                 "publish.max_channels_per_user",
                 "must be between 1 and publish.max_buffered_topics",
             ));
+        }
+        if self.redis_prefix.is_empty() {
+            return Err(key_error("publish.redis_prefix", "must not be empty"));
+        }
+        if self.history_ttl_ms == 0 {
+            return Err(key_error("publish.history_ttl_ms", "must be positive"));
         }
         for (i, n) in self.namespaces.iter().enumerate() {
             if !n.starts_with('/') || n.starts_with("/project/") || n == "/" {

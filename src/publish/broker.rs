@@ -9,6 +9,12 @@
 //! Webhook events go the same way ([`Broker::publish_hook`]) with one id per project assigned once by the history
 //! ([`crate::history`]): in process with the memory broker; in Redis, by one script that also publishes the event
 //! on the broker channel (as `H<id> <event>`), so every instance receives each project's events in id order.
+//!
+//! Channel messages (`target.topic`) go the same way with Redis: a batch with any is published by one script
+//! ([`crate::history::APPEND_CHANNELS`]) that gives each its channel's next id (the same on every instance) and keeps
+//! it in the channel's stream, so that `lastEventId` resumes on any instance; the batch travels as
+//! `P<ids> <batch>`. With the memory broker, a channel message keeps the id the accepting instance gave it, and
+//! the channel's in-process buffer ([`crate::channels`]) is its history.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,7 +28,7 @@ use crate::backoff::Backoff;
 use crate::config::{BrokerConfig, BrokerKind};
 use crate::history::{parse_published, DeliveryKey, History, HookEvent, Stored};
 use crate::metrics::Metrics;
-use crate::publish::message::Message;
+use crate::publish::message::{Message, Target};
 
 /// What an instance does with a batch that reaches it (centrifuge's `BrokerEventHandler` shape): the app registers
 /// one, so the broker knows nothing of hubs and sessions.
@@ -121,12 +127,17 @@ impl Broker {
         }
     }
 
-    /// Publishes a batch (delivered in order); `origin` names this instance.
-    pub async fn publish(&self, origin: &str, messages: Vec<Message>) -> Result<(), BrokerError> {
+    /// Publishes a batch (delivered in order); `origin` names this instance. Returns the messages' ids, as tabs
+    /// receive them.
+    pub async fn publish(
+        &self,
+        origin: &str,
+        messages: Vec<Message>,
+    ) -> Result<Vec<String>, BrokerError> {
         match self {
             Broker::Memory { handler, .. } => {
                 handler.deliver(&messages);
-                Ok(())
+                Ok(messages.into_iter().map(|m| m.id).collect())
             }
             Broker::Redis(r) => r.publish(origin, messages).await,
         }
@@ -164,17 +175,48 @@ impl Broker {
 }
 
 impl RedisBroker {
-    async fn publish(&self, origin: &str, messages: Vec<Message>) -> Result<(), BrokerError> {
+    async fn publish(
+        &self,
+        origin: &str,
+        messages: Vec<Message>,
+    ) -> Result<Vec<String>, BrokerError> {
         if !self.listening.load(Ordering::Acquire) {
             return Err(BrokerError::Unavailable(
                 "not subscribed to the Redis channel (reconnecting)".into(),
             ));
         }
+        let unavailable = |e: serde_json::Error| BrokerError::Unavailable(e.to_string());
+        let mut channel_messages = Vec::new();
+        for m in &messages {
+            if let Target::Topic(channel) = &m.target {
+                channel_messages.push((
+                    channel.clone(),
+                    serde_json::to_string(m).map_err(unavailable)?,
+                ));
+            }
+        }
+        let mut ids: Vec<String> = messages.iter().map(|m| m.id.clone()).collect();
+        let topics: Vec<bool> = messages
+            .iter()
+            .map(|m| matches!(m.target, Target::Topic(_)))
+            .collect();
         let payload = serde_json::to_string(&Wire {
             origin: origin.to_owned(),
             messages,
         })
-        .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+        .map_err(unavailable)?;
+        if !channel_messages.is_empty() {
+            let assigned = self
+                .history
+                .append_channels(&channel_messages, &payload, &self.config.channel)
+                .await
+                .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+            let slots = ids.iter_mut().zip(topics).filter(|(_, t)| *t);
+            for ((slot, _), id) in slots.zip(assigned) {
+                *slot = id.to_string();
+            }
+            return Ok(ids);
+        }
         let timeout = Duration::from_millis(self.config.timeout_ms);
         let client = self
             .client
@@ -190,7 +232,7 @@ impl RedisBroker {
         )
         .await;
         let failed = match sent {
-            Ok(Ok(_)) => return Ok(()),
+            Ok(Ok(_)) => return Ok(ids),
             Ok(Err(e)) => e.to_string(),
             Err(_) => "publish timed out".into(),
         };
@@ -250,8 +292,8 @@ impl RedisBroker {
                                 }
                                 continue;
                             }
-                            match serde_json::from_str::<Wire>(&payload) {
-                                Ok(w) => self.handler.deliver(&w.messages),
+                            match parse_batch(&payload) {
+                                Ok(messages) => self.handler.deliver(&messages),
                                 Err(e) => {
                                     tracing::warn!(error = %e, "unreadable message on the broker channel")
                                 }
@@ -271,5 +313,74 @@ impl RedisBroker {
     fn set_listening(&self, up: bool) {
         self.listening.store(up, Ordering::Release);
         self.metrics.broker_up.set(i64::from(up));
+    }
+}
+
+/// A batch on the broker channel: `<batch JSON>`, or `P<ids> <batch JSON>` when [`crate::history::APPEND_CHANNELS`]
+/// gave its channel messages their ids (in order, comma-separated), which replace the ids they travelled with.
+fn parse_batch(payload: &str) -> Result<Vec<Message>, String> {
+    let Some(rest) = payload.strip_prefix('P') else {
+        return serde_json::from_str::<Wire>(payload)
+            .map(|w| w.messages)
+            .map_err(|e| e.to_string());
+    };
+    let (ids, json) = rest.split_once(' ').ok_or("no batch after the ids")?;
+    let mut messages = serde_json::from_str::<Wire>(json)
+        .map_err(|e| e.to_string())?
+        .messages;
+    let mut ids = ids.split(',');
+    for m in messages
+        .iter_mut()
+        .filter(|m| matches!(m.target, Target::Topic(_)))
+    {
+        let id = ids.next().ok_or("fewer ids than channel messages")?;
+        id.parse::<u64>().map_err(|_| format!("bad id {id:?}"))?;
+        m.id = id.to_owned();
+    }
+    Ok(messages)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn message(target: Target, id: &str) -> Message {
+        Message {
+            target,
+            kind: "t".into(),
+            data: json!({}),
+            id: id.into(),
+            timestamp: "now".into(),
+        }
+    }
+
+    #[test]
+    fn channel_messages_take_the_ids_of_the_history() {
+        let batch = serde_json::to_string(&Wire {
+            origin: "a".into(),
+            messages: vec![
+                message(Target::Topic("/events/x".into()), "local-1"),
+                message(Target::User("u".into()), "local-2"),
+                message(Target::Topic("/events/y".into()), "local-3"),
+            ],
+        })
+        .unwrap();
+        let ids: Vec<String> = parse_batch(&format!("P17,4 {batch}"))
+            .unwrap()
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
+        assert_eq!(ids, ["17", "local-2", "4"]);
+        assert_eq!(
+            parse_batch(&batch).unwrap().len(),
+            3,
+            "a batch without channel messages"
+        );
+        assert!(
+            parse_batch(&format!("P17 {batch}")).is_err(),
+            "an id missing"
+        );
+        assert!(parse_batch("P1 {").is_err());
     }
 }

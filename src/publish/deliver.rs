@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tabhub_commands::Topic;
 
+use crate::config::BrokerKind;
 use crate::history::Stored;
 use crate::hub::Hub;
 use crate::protocol;
@@ -58,6 +59,17 @@ impl BatchHandler for Delivery {
                     let msg =
                         protocol::encode_published("topic", &m.kind, &m.data, &m.id, Some(name));
                     let topic = Topic::Channel(name.clone());
+                    if services.config.broker.kind == BrokerKind::Redis {
+                        // The channel's history is in Redis: tabs resuming hold live messages back by id.
+                        let id = m.id.parse::<u64>().ok();
+                        for user in services.channels.holders(name) {
+                            if let Some(s) = hub.get(&user) {
+                                s.deliver_to_holders(&topic, id, &msg);
+                            }
+                        }
+                        services.metrics.published.inc(&["topic"]);
+                        continue;
+                    }
                     // Without a buffer (every buffered channel is held by others) nobody holds this channel.
                     if let Some(buffer) = services.channels.buffer(name) {
                         let mut b = buffer.lock().unwrap_or_else(|p| p.into_inner());
@@ -67,7 +79,7 @@ impl BatchHandler for Delivery {
                         b.messages.push_back((m.id.clone(), msg.clone()));
                         for user in services.channels.holders(name) {
                             if let Some(s) = hub.get(&user) {
-                                s.deliver_to_holders(&topic, &msg);
+                                s.deliver_to_holders(&topic, None, &msg);
                             }
                         }
                     }

@@ -204,9 +204,8 @@ async fn publish(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) ->
         app.metrics.publish_requests.inc(&["413"]);
         return error(StatusCode::PAYLOAD_TOO_LARGE, &why);
     }
-    let ids: Vec<String> = messages.iter().map(|m| m.id.clone()).collect();
     match app.broker.publish(&app.instance, messages).await {
-        Ok(()) => {
+        Ok(ids) => {
             app.metrics.publish_requests.inc(&["200"]);
             Json(json!({"published": ids.len(), "ids": ids})).into_response()
         }

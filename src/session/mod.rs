@@ -9,6 +9,7 @@
 //! "stop after the linger" atomic with respect to each other, so a user can never have two sessions or two copies
 //! of a loop (see [`crate::hub`]).
 
+mod channel_history;
 pub(crate) mod hooks;
 pub(crate) mod loops;
 pub(crate) mod streams;
@@ -65,8 +66,8 @@ struct Inner {
     /// Webhook source: the projects the user follows, with the access level of the last check (None: paused, the
     /// last re-check could not answer).
     hooked: HashMap<String, Option<u64>>,
-    /// Webhook source: (tab, topic) resuming from a `lastEventId`: live events wait here (id, message) until the
-    /// replay is sent.
+    /// Webhook source, and publish channels with the Redis broker: (tab, topic) resuming from a `lastEventId`: live
+    /// events wait here (id, message) until the replay is sent.
     catching: HashMap<(u64, Topic), Vec<(u64, Utf8Bytes)>>,
     /// Whether the access re-check task runs (started with the first followed project).
     rechecking: bool,
@@ -359,11 +360,19 @@ impl Session {
         }
     }
 
-    /// Sends encoded bytes to the tabs holding `topic`.
-    pub fn deliver_to_holders(&self, topic: &Topic, msg: &Utf8Bytes) {
-        let inner = self.lock();
+    /// Sends encoded bytes to the tabs holding `topic`. A message with an `id` (a channel whose history is in
+    /// Redis) waits for the replay of a tab catching up on the channel (see [`Session::subscribe_channel_shared`]).
+    pub fn deliver_to_holders(&self, topic: &Topic, id: Option<u64>, msg: &Utf8Bytes) {
+        let mut inner = self.lock();
         let holders = inner.subs.tabs_holding(topic);
-        for t in inner.tabs.iter().filter(|t| holders.contains(&t.id)) {
+        let Inner { tabs, catching, .. } = &mut *inner;
+        for t in tabs.iter().filter(|t| holders.contains(&t.id)) {
+            if let (Some(id), false) = (id, catching.is_empty()) {
+                if let Some(q) = catching.get_mut(&(t.id, topic.clone())) {
+                    q.push((id, msg.clone()));
+                    continue;
+                }
+            }
             t.send(msg.clone());
         }
     }
@@ -672,10 +681,13 @@ impl Session {
 
     fn unsubscribe_locked(&self, inner: &mut Inner, tab: &Tab, topic: &Topic) -> bool {
         let removed = inner.subs.unsubscribe(tab.id, topic).0;
-        if removed && matches!(topic, Topic::Channel(_)) && !inner.subs.holds(topic) {
-            self.services
-                .channels
-                .remove_holder(&topic.to_string(), &self.user.id);
+        if removed && matches!(topic, Topic::Channel(_)) {
+            inner.catching.remove(&(tab.id, topic.clone()));
+            if !inner.subs.holds(topic) {
+                self.services
+                    .channels
+                    .remove_holder(&topic.to_string(), &self.user.id);
+            }
         }
         if removed
             && topic
