@@ -163,9 +163,16 @@ impl Cluster {
             h.insert("cookie", cookie.parse().unwrap());
         }
         h.insert("x-test-tag", tag.parse().unwrap());
-        let mut c = Client::connect_request(req)
-            .await
-            .unwrap_or_else(|e| panic!("tab {tag} of {user}: {e}"));
+        let mut c = match Client::connect_request(req).await {
+            Ok(c) => c,
+            // Say which instances the balancer tried and what it logged (a refused upgrade that was not retried
+            // happened once in CI under load; the log line says where it went).
+            Err(e) => panic!(
+                "tab {tag} of {user}: {e}; balancer: {:?}; its stderr: {}",
+                self.lb.log_line(tag).await,
+                self.lb_stderr()
+            ),
+        };
         let init = c.recv().await;
         assert_eq!(init["type"], "init", "first message must be init: {init}");
         assert_eq!(init["data"]["user"], user);
