@@ -15,7 +15,9 @@ pub struct WebSocketConfig {
     pub renku_older_client: bool,
     /// Largest message a tab may send; a larger frame closes the tab with 1009.
     pub max_message_bytes: usize,
-    /// Read buffer per tab (tungstenite's default, 128 KiB, would dominate memory).
+    /// Read buffer per tab, allocated for the tab's life (tungstenite's default, 128 KiB, would dominate memory).
+    /// 1 KiB fits the commands tabs send; a larger frame is read in more calls (issue 19: 4 KiB was a third of an
+    /// idle one-tab user's memory).
     pub read_buffer_bytes: usize,
     /// Bound of a tab's outbound queue in messages and in bytes; a tab that stops reading is closed with 4009
     /// when either is reached.
@@ -34,7 +36,7 @@ impl Default for WebSocketConfig {
             paths: vec!["/ws".into()],
             renku_older_client: false,
             max_message_bytes: 64 * 1024,
-            read_buffer_bytes: 4 * 1024,
+            read_buffer_bytes: 1024,
             outbound_queue_messages: 512,
             outbound_queue_bytes: 1024 * 1024,
             ping_interval_ms: 25_000,
