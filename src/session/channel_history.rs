@@ -11,7 +11,7 @@ use serde_json::Value;
 use tabhub_commands::Topic;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use super::{fit_replay, Session, SubscribeReply};
+use super::{begin_resume, Session, SubscribeReply};
 use crate::history::Replay;
 use crate::protocol;
 use crate::subscriptions::SubscribeError;
@@ -36,7 +36,7 @@ impl Session {
         tab: &Tab,
         topic: &Topic,
         last_event_id: Option<&str>,
-        reply: Option<SubscribeReply<'_>>,
+        mut reply: Option<SubscribeReply<'_>>,
     ) -> Result<bool, SubscribeError> {
         let Topic::Channel(name) = topic else {
             return Ok(false);
@@ -52,16 +52,8 @@ impl Session {
             }
             let (added, _, _) = inner.subs.subscribe(tab.id, topic, last_event_id, limits)?;
             self.services.channels.add_holder(name, &self.user.id);
-            match (added, resume) {
-                (true, Some(Some(_))) => {
-                    inner.catching.insert((tab.id, topic.clone()), Vec::new());
-                }
-                (added, resume) => {
-                    if let Some(r) = reply {
-                        tab.send(r.encode(added, matches!(resume, Some(None)) && added));
-                    }
-                    return Ok(added);
-                }
+            if !begin_resume(&mut inner, tab, topic, added, resume, &mut reply) {
+                return Ok(added);
             }
         }
         let Some(Some(after)) = resume else {
@@ -83,7 +75,7 @@ impl Session {
             return Ok(true);
         };
         let newest = replay.events.last().map_or(after, |e| e.0.max(after));
-        let mut missed: Vec<Utf8Bytes> = replay
+        let missed: Vec<Utf8Bytes> = replay
             .events
             .iter()
             .filter_map(|(id, json)| match serde_json::from_str::<Kept>(json) {
@@ -100,20 +92,7 @@ impl Session {
                 }
             })
             .collect();
-        missed.extend(
-            queued
-                .into_iter()
-                .filter(|(id, _)| *id > newest)
-                .map(|(_, m)| m),
-        );
-        let w = &self.services.config.websocket;
-        let (missed, cut) = fit_replay(missed, w.outbound_queue_messages, w.outbound_queue_bytes);
-        if let Some(r) = reply {
-            tab.send(r.encode(true, replay.gap || cut));
-        }
-        for m in missed {
-            tab.send(m);
-        }
+        self.finish_resume(tab, reply, missed, queued, newest, replay.gap);
         drop(inner);
         Ok(true)
     }

@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use tabhub_commands::Topic;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use super::{fit_replay, Inner, Session, SubscribeReply};
+use super::{begin_resume, Inner, Session, SubscribeReply};
 use crate::access::Verdict;
 use crate::protocol;
 use crate::subscriptions::SubscribeError;
@@ -48,7 +48,7 @@ impl Session {
         tab: &Tab,
         topic: &Topic,
         last_event_id: Option<&str>,
-        reply: Option<SubscribeReply<'_>>,
+        mut reply: Option<SubscribeReply<'_>>,
     ) -> Result<bool, HookRefusal> {
         let Some(project) = topic.project_id() else {
             return Ok(false);
@@ -73,16 +73,8 @@ impl Session {
                 .subscribe_hooked(tab.id, topic, limits)
                 .map_err(HookRefusal::Limit)?;
             self.follow(&mut inner, project, level);
-            match (added, resume) {
-                (true, Some(Some(_))) => {
-                    inner.catching.insert((tab.id, topic.clone()), Vec::new());
-                }
-                (added, resume) => {
-                    if let Some(r) = reply {
-                        tab.send(r.encode(added, matches!(resume, Some(None)) && added));
-                    }
-                    return Ok(added);
-                }
+            if !begin_resume(&mut inner, tab, topic, added, resume, &mut reply) {
+                return Ok(added);
             }
         }
         let Some(Some(after)) = resume else {
@@ -112,27 +104,14 @@ impl Session {
         };
         let confidential_ok = self.services.access.sees_confidential(level);
         let newest = replay.events.last().map_or(after, |s| s.id.max(after));
-        let mut missed: Vec<Utf8Bytes> = replay
+        let missed: Vec<Utf8Bytes> = replay
             .events
             .iter()
             .filter(|s| &s.event.event_type == event_type)
             .filter(|s| confidential_ok || !s.event.confidential)
             .map(|s| s.encode())
             .collect();
-        missed.extend(
-            queued
-                .into_iter()
-                .filter(|(id, _)| *id > newest)
-                .map(|(_, m)| m),
-        );
-        let w = &self.services.config.websocket;
-        let (missed, cut) = fit_replay(missed, w.outbound_queue_messages, w.outbound_queue_bytes);
-        if let Some(r) = reply {
-            tab.send(r.encode(true, replay.gap || cut));
-        }
-        for m in missed {
-            tab.send(m);
-        }
+        self.finish_resume(tab, reply, missed, queued, newest, replay.gap);
         Ok(true)
     }
 

@@ -116,6 +116,28 @@ impl SubscribeReply<'_> {
     }
 }
 
+/// The first half of a resume from a shared history (webhook topics, channels kept in Redis), under the session's
+/// lock. `resume` is None without a `lastEventId`, `Some(None)` for one that is no number. A new subscription with
+/// a numeric id is registered as catching up (its live messages are held back until the replay is sent): true.
+/// Otherwise the reply goes now (with `gap` for an id that cannot be placed): false.
+fn begin_resume(
+    inner: &mut Inner,
+    tab: &Tab,
+    topic: &Topic,
+    added: bool,
+    resume: Option<Option<u64>>,
+    reply: &mut Option<SubscribeReply<'_>>,
+) -> bool {
+    if added && matches!(resume, Some(Some(_))) {
+        inner.catching.insert((tab.id, topic.clone()), Vec::new());
+        return true;
+    }
+    if let Some(r) = reply.take() {
+        tab.send(r.encode(added, matches!(resume, Some(None)) && added));
+    }
+    false
+}
+
 /// The newest of `missed` that fit in half a tab's outbound queue (messages and bytes), so that a replay can never
 /// close the tab it resumes as a slow consumer; true when older ones were left out.
 fn fit_replay(
@@ -469,6 +491,34 @@ impl Session {
     }
 
     // ---- subscriptions ----
+
+    /// The second half of a resume (see [`begin_resume`]), called with the session's lock held: the replay
+    /// `missed` (events up to `newest`), then the held-back live messages newer than it, cut to fit the tab's
+    /// queue; the reply says `gap` when the history had lost some or the cut left some out.
+    fn finish_resume(
+        &self,
+        tab: &Tab,
+        reply: Option<SubscribeReply<'_>>,
+        mut missed: Vec<Utf8Bytes>,
+        queued: Vec<(u64, Utf8Bytes)>,
+        newest: u64,
+        gap: bool,
+    ) {
+        missed.extend(
+            queued
+                .into_iter()
+                .filter(|(id, _)| *id > newest)
+                .map(|(_, m)| m),
+        );
+        let w = &self.services.config.websocket;
+        let (missed, cut) = fit_replay(missed, w.outbound_queue_messages, w.outbound_queue_bytes);
+        if let Some(r) = reply {
+            tab.send(r.encode(true, gap || cut));
+        }
+        for m in missed {
+            tab.send(m);
+        }
+    }
 
     fn sub_limits(&self) -> Limits {
         let g = &self.services.config.gitlab;
